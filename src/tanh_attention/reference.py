@@ -1,0 +1,59 @@
+"""Stage 3: the composite operator ``torch.ops.tanh_attention.attn_composite``, the oracle.
+
+Registered as CompositeImplicitAutograd: it is built from differentiable aten ops
+(``formulas.forward``), so autograd, forward AD, vmap and compile all derive its behaviour from
+those parts. Every other implementation is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import formulas
+from ._checks import validate_attn_inputs
+
+__all__ = ["attn_composite"]
+
+NAMESPACE = "tanh_attention"
+
+# One DEF library per namespace; ops.py adds to the namespace with FRAGMENT. The Library
+# object must stay referenced for the op to stay registered.
+_lib = torch.library.Library(NAMESPACE, "DEF")
+_lib.define(
+    "attn_composite(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
+    "float scale=1.0, bool causal=False) -> (Tensor, Tensor)"
+)
+
+
+def attn_composite(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    scale: float = 1.0,
+    causal: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The composite tanh attention: ``a = M * tanh(scale * q @ k^T)``, ``o = a @ v``.
+
+    Args:
+        q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
+        attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
+        scale: score multiplier.  causal: keep only ``j <= i``.
+
+    Returns:
+        ``(o, a)``: ``(*batch, n, e)`` and ``(*batch, n, m)``.
+
+    Example:
+        >>> q, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+        >>> o, a = torch.ops.tanh_attention.attn_composite(q, q, v)
+        >>> bool(torch.allclose(o, torch.tanh(q @ q.T) @ v))
+        True
+    """
+    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
+    return formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+
+
+_lib.impl("attn_composite", attn_composite, "CompositeImplicitAutograd")
+# Without a batched-decomposition kernel, vmap would run the op once per sample.
+_lib.impl("attn_composite", attn_composite, "FuncTorchBatchedDecomposition")
