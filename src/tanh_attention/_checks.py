@@ -96,8 +96,7 @@ def _validate_scale(scale: object) -> None:
 def _validate_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(
-            f"attn(): argument '{name}' must be a bool, but got {type(value).__name__} "
-            f"({value!r})."
+            f"attn(): argument '{name}' must be a bool, but got {type(value).__name__} ({value!r})."
         )
 
 

@@ -90,9 +90,7 @@ def attn(
         >>> bool(torch.allclose(o, torch.tanh(q @ k.T) @ v))
         True
     """
-    validate_attn_inputs(
-        q, k, v, attn_mask, scale=scale, causal=causal, need_weights=need_weights
-    )
+    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal, need_weights=need_weights)
     scale = float(scale)
     if implementation() == "function":
         o, a = AttnFunction.apply(q, k, v, attn_mask, scale, causal)

@@ -203,7 +203,9 @@ attn_backward.register_autograd(_backward_backward_rule, setup_context=_backward
 def _to_batched(
     size: int, tensors: Sequence[Tensor | None], in_dims: Sequence[int | None]
 ) -> list[Tensor | None]:
-    logical = [t.dim() - (bd is not None) for t, bd in zip(tensors, in_dims) if t is not None]
+    logical = [
+        t.dim() - (bd is not None) for t, bd in zip(tensors, in_dims, strict=True) if t is not None
+    ]
     rank = max(logical)
     out: list[Tensor | None] = []
     for t, bd in zip(tensors, in_dims, strict=True):
