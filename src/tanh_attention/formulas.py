@@ -14,7 +14,7 @@ Notation (batch dimensions ``...`` broadcast as in ``torch.matmul``)::
     o = a @ v                                    (..., n, e)
 
 In-place ops below act only on fresh intermediates whose old values autograd does not need
-(``tanh_`` of a matmul output, ``mul_`` by a Python scalar, ``tril_``), and never take a
+(``tanh_`` of a matmul output, ``mul_`` by a Python scalar), and never take a
 second tensor operand: under vmap that operand may be batched where the target is not.
 """
 
@@ -38,11 +38,11 @@ def keep(s: Tensor, *, causal: bool, attn_mask: Tensor | None) -> Tensor:
 
     Causal keeps ``j <= i`` (top-left aligned, as ``scaled_dot_product_attention``'s
     ``is_causal``); ``attn_mask`` keeps its True entries; both together keep the intersection.
-    ``tril_`` acts in place (``s`` must be a fresh intermediate); the mask is applied out of
-    place because under vmap a batched mask may not be written into an unbatched tensor.
+    Both act out of place: ``tril_`` has no vmap batching rule, and under vmap a batched mask
+    may not be written into an unbatched tensor. (The fused kernels avoid the copies.)
     """
     if causal:
-        s = s.tril_()
+        s = s.tril()
     if attn_mask is not None:
         s = s.masked_fill(attn_mask.logical_not(), 0)
     return s

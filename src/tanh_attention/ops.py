@@ -280,8 +280,15 @@ def _tangents(tensors: Sequence[Tensor]) -> list[Tensor | None] | None:
     return tangents if any(t is not None for t in tangents) else None
 
 
+def _under_functorch_grad() -> bool:
+    """True while a torch.func reverse-mode transform (grad, vjp, jacrev) processes the op."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and stack[-1].key() == torch._C._functorch.TransformType.Grad
+
+
 def _install_forward_ad(op: Any) -> None:
-    """Wrap ``op``'s generated Autograd kernel so input tangents are propagated, not dropped.
+    """Wrap ``op``'s generated Autograd kernel so input tangents are propagated, not dropped,
+    and so the transforms it cannot serve raise a clear error instead of an internal one.
 
     This is the only place the package leans on private torch API (``make_autograd_impl``,
     ``CustomOpDef._lib``); ``pyproject.toml`` admits only the torch series it was checked on.
@@ -290,6 +297,13 @@ def _install_forward_ad(op: Any) -> None:
 
     def autograd_kernel(keyset: Any, *args: Any) -> Any:
         q, k, v = args[:3]
+        if _under_functorch_grad() and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError(
+                "torch.ops.tanh_attention.attn does not support torch.func.grad, vjp, jacrev "
+                "or hessian: torch.library.custom_op cannot take part in functorch's reverse "
+                "mode on torch 2.13. Use tanh_attention.attn(...), which routes these "
+                "transforms to AttnFunction."
+            )
         tangents = _tangents((q, k, v))
         if tangents is None:
             return generated(keyset, *args)
