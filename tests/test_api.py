@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from samples import reference
 from torch.autograd import forward_ad as fwAD
 
 import tanh_attention
+from samples import reference
 from tanh_attention import attn
 
 F64 = torch.float64

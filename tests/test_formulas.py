@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
-from samples import reference
 
+from samples import reference
 from tanh_attention import formulas
 
 F64 = torch.float64

@@ -317,7 +317,11 @@ def _install_forward_ad(op: Any) -> None:
         primals = [fwAD.unpack_dual(t).primal for t in (q, k, v)]
         attn_mask, scale, causal = _forward_extras(args[3:])
         o, a = generated(keyset, *primals, *args[3:])
-        t_o, t_a = formulas.jvp(*tangents, *primals, a, attn_mask, scale=scale, causal=causal)
+        t_q, t_k, t_v = tangents
+        q_p, k_p, v_p = primals
+        t_o, t_a = formulas.jvp(
+            t_q, t_k, t_v, q_p, k_p, v_p, a, attn_mask, scale=scale, causal=causal
+        )
         assert t_o is not None
         return fwAD.make_dual(o, t_o), fwAD.make_dual(a, t_a)
 
