@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from samples import reference
 
 import tanh_attention
+from samples import reference
 from tanh_attention import formulas
 
 DERIVATION = Path(__file__).resolve().parents[1] / "docs" / "derivation.md"

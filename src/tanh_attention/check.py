@@ -2,9 +2,9 @@
 
 For each backend in the registry that can run here, and for the public function in each of
 its modes (``attn-eager``, ``attn-func`` for ``torch.func``, ``attn-compiled``), on the lab's
-example and on a batched causal case with a mask, in float64: forward error against the composite, gradcheck, gradgradcheck and forward AD. Prints
-a table (or JSON), lists the backends that cannot run here and why, and exits 1 if any check
-fails.
+example and on a batched causal case with a mask, in float64: forward error against the
+composite, gradcheck, gradgradcheck and forward AD. Prints a table (or JSON), lists the
+backends that cannot run here and why, and exits 1 if any check fails.
 """
 
 from __future__ import annotations
