@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tanh_attention import backends, check, cli
+from tanh_attention import check, cli, registry
 
 
 def test_check_json_all_pass(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,11 +56,11 @@ def _leaky(q, k, v, mask, scale, causal):  # type: ignore[no-untyped-def]
 
 
 def test_check_catches_a_gradient_leak() -> None:
-    backends.register_backend(backends.Backend("leaky", "deliberately wrong", _leaky))
+    registry.register_backend(registry.Backend("leaky", "deliberately wrong", _leaky))
     try:
         rows = check.run_checks(compile=False, only=["leaky"])
     finally:
-        backends._REGISTRY.pop("leaky")
+        registry._REGISTRY.pop("leaky")
     by_case = {row.case: row.results for row in rows}
     assert by_case["lab"]["gradcheck"].status == "pass"  # no mask: nothing to leak
     assert by_case["batched causal mask"]["gradcheck"].status == "fail"

@@ -89,6 +89,7 @@ def _documented_objects(module: object) -> list[object]:
         "tanh_attention.function",
         "tanh_attention.ops",
         "tanh_attention.reference",
+        "tanh_attention.registry",
     ],
 )
 def test_docstring_examples(module: str) -> None:

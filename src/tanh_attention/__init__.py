@@ -4,6 +4,7 @@ Public names:
 
 - :func:`attn`: the function to use; picks the implementation (see :func:`implementation`).
 - :class:`AttnFunction`: stage 2, the ``torch.autograd.Function``.
+- :func:`backends`: every implementation known, and why one cannot run on this machine.
 - ``torch.ops.tanh_attention.attn_composite``: stage 3, the composite op (the oracle).
 - ``torch.ops.tanh_attention.attn`` / ``attn_backward``: stage 4, the explicit ops.
 """
@@ -13,8 +14,9 @@ from . import reference as _reference  # registers torch.ops.tanh_attention.attn
 from ._checks import SUPPORTED_DTYPES
 from .api import attn, implementation
 from .function import AttnFunction
+from .registry import Backend, backends
 
-__all__ = ["SUPPORTED_DTYPES", "AttnFunction", "attn", "implementation"]
+__all__ = ["SUPPORTED_DTYPES", "AttnFunction", "Backend", "attn", "backends", "implementation"]
 __version__ = "0.1.0"
 
 del _ops, _reference

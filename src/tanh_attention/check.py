@@ -166,7 +166,7 @@ def run_checks(
     import torch
 
     from .api import attn
-    from .backends import backends
+    from .registry import backends
 
     def public(q: Any, k: Any, v: Any, m: Any, s: float, c: bool) -> Any:
         return attn(q, k, v, attn_mask=m, scale=s, causal=c)
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from . import __version__
-    from .backends import backends
+    from .registry import backends
 
     console = Console(stderr=args.json)
     try:
