@@ -160,15 +160,12 @@ def _public(q: Tensor, k: Tensor, v: Tensor, m: Tensor | None, s: float, c: bool
 class Implementation:
     name: str
     fn: Impl
-    # The registered op cannot run forward-over-reverse (torch.library.custom_op has no
-    # forward-AD rule for its backward); it raises a clear error instead, tested separately.
-    fwd_over_rev: bool = True
 
 
 IMPLEMENTATIONS: list[Implementation] = [
     Implementation("composite", torch.ops.tanh_attention.attn_composite),
     Implementation("function", AttnFunction.apply),
-    Implementation("op", torch.ops.tanh_attention.attn, fwd_over_rev=False),
+    Implementation("op", torch.ops.tanh_attention.attn),
     Implementation("public", _public),
 ]
 

@@ -1,8 +1,8 @@
 """Stage 4 specifics: the explicit op and its backward op.
 
 opcheck (schema, autograd registration, fake tensors, AOT dispatch) on both ops; what the
-backward saves and skips; vmap rules against a per-sample loop; forward AD through the
-registered op and the clear errors for what it cannot do.
+backward saves and skips; vmap rules against a per-sample loop; forward AD, forward-over-reverse
+and torch.func reverse mode through the registered op itself.
 """
 
 from __future__ import annotations
@@ -197,16 +197,42 @@ def test_forward_ad_gives_right_tangents() -> None:
         torch.testing.assert_close(fwAD.unpack_dual(a).tangent, want_a)
 
 
-def test_forward_over_reverse_raises_clearly() -> None:
+def test_forward_over_reverse() -> None:
     q, k, v = _inputs()
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-over-reverse"):
-        OP(fwAD.make_dual(q, torch.randn_like(q)), k, v)
+    t = torch.randn_like(q)
+    _, want = torch.func.jvp(
+        lambda x: torch.func.grad(lambda y: reference(y, k, v)[0].sin().sum())(x),
+        (q.detach(),),
+        (t,),
+    )
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, t)
+        (g,) = torch.autograd.grad(OP(dual, k, v)[0].sin().sum(), dual, create_graph=True)
+        got = fwAD.unpack_dual(g).tangent
+    torch.testing.assert_close(got, want)
 
 
-def test_functorch_reverse_mode_raises_clearly() -> None:
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "hessian", "jvp_of_grad"])
+def test_functorch_reverse_mode(transform: str) -> None:
     q, k, v = (t.detach() for t in _inputs())
-    with pytest.raises(RuntimeError, match=r"Use tanh_attention\.attn"):
-        torch.func.grad(lambda q: OP(q, k, v)[0].sum())(q)
+    mask = torch.rand(3, 5) < 0.6
+
+    def loss(f: Any) -> Any:
+        return lambda q, k, v: (lambda o, a: o.sin().sum() + a.square().sum())(
+            *f(q, k, v, mask, 0.6, True)
+        )
+
+    transforms = {
+        "grad": lambda f: torch.func.grad(f, argnums=(0, 1, 2)),
+        "jacrev": lambda f: torch.func.jacrev(f, argnums=(0, 1, 2)),
+        "hessian": lambda f: torch.func.hessian(f, argnums=(0, 1)),
+        "jvp_of_grad": lambda f: lambda *x: torch.func.jvp(
+            torch.func.grad(f), x, tuple(torch.ones_like(y) for y in x)
+        )[1],
+    }
+    got = transforms[transform](loss(OP))(q, k, v)
+    want = transforms[transform](loss(reference))(q, k, v)
+    torch.testing.assert_close(got, want)
 
 
 def test_autocast_runs_in_bfloat16() -> None:

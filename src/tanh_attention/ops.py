@@ -6,13 +6,15 @@ backward is itself a registered op, ``attn_backward``, with its own autograd for
 under ``torch.compile`` and ``torch.export``. Both ops have fake kernels and vmap rules.
 
 Forward-mode AD: on torch 2.13 a ``custom_op`` drops input tangents silently (its autograd
-kernel only builds a graph for inputs that require grad). ``_install_forward_ad`` wraps that
-kernel so forward AD through ``attn`` gives the right tangents via ``formulas.jvp``, and the
-one combination it cannot serve, forward-over-reverse, raises a clear error.
+kernel only builds a graph for inputs that require grad), and ``torch.func.grad`` on it fails.
+``_install_autograd_kernel`` wraps that kernel so that forward AD through ``attn`` gives the
+right tangents (``formulas.jvp``), forward-over-reverse goes through ``AttnFunction``, and
+``torch.func`` reverse mode differentiates the ops' bodies as plain torch code.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +26,7 @@ from torch._library.autograd import make_autograd_impl
 
 from . import formulas
 from ._checks import validate_attn_inputs
+from .function import AttnFunction
 from .reference import NAMESPACE
 
 __all__ = ["attn", "attn_backward"]
@@ -268,15 +271,20 @@ if torch.amp.is_autocast_available("cuda"):
 
 
 # --------------------------------------------------------------------------------------------
-# Forward-mode AD for the registered op
+# Autograd kernels: every autograd context, not only plain reverse mode
+#
+# torch.library.custom_op's generated Autograd kernel builds a graph only for inputs that
+# require grad. On torch 2.13 that drops forward-AD tangents silently (zero tangents under
+# torch.func.jvp) and fails under torch.func.grad. Each op below gets a kernel that keeps the
+# generated one for plain reverse mode and routes the other contexts to code that handles them.
 # --------------------------------------------------------------------------------------------
 
 
-def _tangents(tensors: Sequence[Tensor]) -> list[Tensor | None] | None:
+def _tangents(tensors: Sequence[Tensor | None]) -> list[Tensor | None] | None:
     """The forward-AD tangents of ``tensors`` at the current level, or None if there are none."""
     if fwAD._current_level < 0 or not torch._C._is_fwd_grad_enabled():
         return None
-    tangents = [fwAD.unpack_dual(t).tangent for t in tensors]
+    tangents = [None if t is None else fwAD.unpack_dual(t).tangent for t in tensors]
     return tangents if any(t is not None for t in tangents) else None
 
 
@@ -286,49 +294,54 @@ def _under_functorch_grad() -> bool:
     return bool(stack) and stack[-1].key() == torch._C._functorch.TransformType.Grad
 
 
-def _install_forward_ad(op: Any) -> None:
-    """Wrap ``op``'s generated Autograd kernel so input tangents are propagated, not dropped,
-    and so the transforms it cannot serve raise a clear error instead of an internal one.
+def _attn_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> Any:
+    q, k, v = args[:3]
+    attn_mask, scale, causal = _forward_extras(args[3:])
+    if _under_functorch_grad():
+        # The op's body is plain torch code: functorch differentiates its aten ops.
+        return attn._init_fn(q, k, v, attn_mask, scale, causal)
+    tangents = _tangents((q, k, v))
+    if tangents is None:
+        return generated(keyset, *args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # Forward-over-reverse: the backward must carry tangents too; AttnFunction's does.
+        return AttnFunction.apply(q, k, v, attn_mask, scale, causal)
+    primals = [fwAD.unpack_dual(t).primal for t in (q, k, v)]
+    o, a = generated(keyset, *primals, *args[3:])
+    t_q, t_k, t_v = tangents
+    q_p, k_p, v_p = primals
+    t_o, t_a = formulas.jvp(t_q, t_k, t_v, q_p, k_p, v_p, a, attn_mask, scale=scale, causal=causal)
+    assert t_o is not None
+    return fwAD.make_dual(o, t_o), fwAD.make_dual(a, t_a)
 
-    This is the only place the package leans on private torch API (``make_autograd_impl``,
-    ``CustomOpDef._lib``); ``pyproject.toml`` admits only the torch series it was checked on.
+
+def _attn_backward_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> Any:
+    if _under_functorch_grad() or _tangents(args[:6]) is not None:
+        # Forward AD over the backward (forward-over-reverse, jvp of grad): run its body as
+        # plain torch code, which forward AD and functorch see through.
+        return attn_backward._init_fn(*args)
+    return generated(keyset, *args)
+
+
+def _install_autograd_kernel(op: Any, kernel: Callable[..., Any]) -> None:
+    """Replace ``op``'s Autograd kernel by ``kernel(generated, keyset, *args)``.
+
+    ``generated`` is the kernel ``register_autograd`` made. This is the only place the package
+    leans on private torch API (``make_autograd_impl``, ``CustomOpDef._lib``/``_init_fn``);
+    ``pyproject.toml`` admits only the torch series it was checked on.
     """
-    generated: Callable[..., Any] = make_autograd_impl(op._opoverload, op)
-
-    def autograd_kernel(keyset: Any, *args: Any) -> Any:
-        q, k, v = args[:3]
-        if _under_functorch_grad() and any(t.requires_grad for t in (q, k, v)):
-            raise RuntimeError(
-                "torch.ops.tanh_attention.attn does not support torch.func.grad, vjp, jacrev "
-                "or hessian: torch.library.custom_op cannot take part in functorch's reverse "
-                "mode on torch 2.13. Use tanh_attention.attn(...), which routes these "
-                "transforms to AttnFunction."
-            )
-        tangents = _tangents((q, k, v))
-        if tangents is None:
-            return generated(keyset, *args)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise RuntimeError(
-                "torch.ops.tanh_attention.attn: forward-mode AD over a graph that also "
-                "records reverse-mode AD (forward-over-reverse) is not supported by the "
-                "registered op. Use tanh_attention.attn(...), which routes it to "
-                "AttnFunction and supports it."
-            )
-        primals = [fwAD.unpack_dual(t).primal for t in (q, k, v)]
-        attn_mask, scale, causal = _forward_extras(args[3:])
-        o, a = generated(keyset, *primals, *args[3:])
-        t_q, t_k, t_v = tangents
-        q_p, k_p, v_p = primals
-        t_o, t_a = formulas.jvp(
-            t_q, t_k, t_v, q_p, k_p, v_p, a, attn_mask, scale=scale, causal=causal
-        )
-        assert t_o is not None
-        return fwAD.make_dual(o, t_o), fwAD.make_dual(a, t_a)
-
+    generated = make_autograd_impl(op._opoverload, op)
     with warnings.catch_warnings():
         # Replacing the kernel is the point; torch warns about any override.
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-        op._lib.impl(op._name, autograd_kernel, "Autograd", with_keyset=True, allow_override=True)
+        op._lib.impl(
+            op._name,
+            functools.partial(kernel, generated),
+            "Autograd",
+            with_keyset=True,
+            allow_override=True,
+        )
 
 
-_install_forward_ad(attn)
+_install_autograd_kernel(attn, _attn_autograd)
+_install_autograd_kernel(attn_backward, _attn_backward_autograd)
