@@ -9,7 +9,10 @@ they work with (design.md section 4):
 - ``AttnFunction``: every ``torch.func`` transform and all of forward AD, but Dynamo refuses
   an autograd.Function that defines ``jvp``.
 
-``implementation()`` makes that choice, in one place, from the calling context.
+``implementation()`` makes that choice, in one place, from the calling context. Where it picks
+the registered op and ``need_weights=False``, ``attn`` calls the memory-efficient op
+``torch.ops.tanh_attention.attn_lean`` instead (``kernels/blockwise.py``), which returns ``o``
+only and allocates nothing of size ``n x m`` in forward or backward.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor
 from . import ops
 from ._checks import validate_attn_inputs
 from .function import AttnFunction
+from .kernels import blockwise
 
 __all__ = ["attn", "implementation"]
 
@@ -67,7 +71,10 @@ def attn(
             gradients of broadcast inputs are summed back to their shapes.
         scale: multiplies the scores ``q @ k^T`` (finite).
         causal: keep only ``j <= i`` (top-left aligned, as ``scaled_dot_product_attention``).
-        need_weights: return ``a``; with False the weights are returned as None.
+        need_weights: return ``a``; with False the weights are returned as None and, in
+            eager mode, under ``torch.compile`` and ``torch.export``, never built: the
+            memory-efficient op ``torch.ops.tanh_attention.attn_lean`` computes ``o`` block
+            by block and its backward recomputes each block of ``a``.
         attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``; True = takes part
             (the convention of ``scaled_dot_product_attention``). Combined with ``causal``
             the two intersect. Masked entries of ``a`` are exactly 0 with zero gradient.
@@ -94,6 +101,7 @@ def attn(
     scale = float(scale)
     if implementation() == "function":
         o, a = AttnFunction.apply(q, k, v, attn_mask, scale, causal)
-    else:
-        o, a = ops.attn(q, k, v, attn_mask, scale, causal)
-    return o, (a if need_weights else None)
+        return o, (a if need_weights else None)
+    if not need_weights:
+        return blockwise.attn_lean(q, k, v, attn_mask, scale, causal), None
+    return ops.attn(q, k, v, attn_mask, scale, causal)

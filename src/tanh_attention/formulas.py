@@ -4,7 +4,9 @@ Each function here is one formula of ``docs/derivation.md`` (the document names 
 implementation in the package computes these formulas: the composite op runs ``forward``
 under autograd, the autograd.Function and the explicit op call ``vjp``/``jvp``, and the
 explicit backward op's own backward calls ``vjp_of_vjp``. Because the code is plain torch, it
-is itself differentiable, which is what makes higher-order derivatives work.
+is itself differentiable, which is what makes higher-order derivatives work. The ``*_block_``
+functions at the end are the same formulas on one block of the ``n x m`` matrices, evaluated in
+place for the fast kernels (``kernels/blockwise.py``); they are not differentiable.
 
 Notation (batch dimensions ``...`` broadcast as in ``torch.matmul``)::
 
@@ -25,7 +27,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["forward", "jvp", "keep", "vjp", "vjp_of_vjp"]
+__all__ = [
+    "forward",
+    "forward_block_",
+    "jvp",
+    "jvp_block_",
+    "keep",
+    "keep_block_",
+    "vjp",
+    "vjp_block_",
+    "vjp_of_vjp",
+]
 
 
 def _sum_to(g: Tensor, shape: Sequence[int]) -> Tensor:
@@ -248,3 +260,140 @@ def vjp_of_vjp(
     if d_a is not None:
         d_a = _sum_to(d_a, a.shape)
     return d_g_o, d_g_a, d_q, d_k, d_v, d_a
+
+
+# --------------------------------------------------------------------------------------------
+# Block form, for the kernels (kernels/blockwise.py)
+#
+# The same formulas restricted to one block of rows i0:i1 and columns j0:j1 of the n x m
+# matrices, evaluated in place: each function accumulates the block's contribution into
+# buffers the caller owns and does its elementwise work in the one block buffer it makes.
+# Every tensor is (G, rows, features): G problems with equal shapes, no broadcasting. The
+# block's tanh is not computed here (kernels/tanh.py does it in the matmul's epilogue).
+# In-place updates make these functions non-differentiable: kernels call them with autograd
+# off, outside vmap. tests/test_kernels.py checks them against forward/vjp/jvp above.
+#
+# A block's keep-mask is M[i0:i1, j0:j1]: ``causal_diagonal`` is i0 - j0 when the causal
+# boundary crosses the block (entry (r, c) is kept iff j0 + c <= i0 + r, i.e. tril with that
+# diagonal) and None when causal keeps the whole block; ``attn_mask`` is the mask's block.
+# --------------------------------------------------------------------------------------------
+
+
+def keep_block_(s: Tensor, *, causal_diagonal: int | None, attn_mask: Tensor | None) -> Tensor:
+    """In place: ``M * s`` for one block ``s`` (see the block-form notes above); returns ``s``."""
+    if causal_diagonal is not None:
+        s.tril_(causal_diagonal)
+    if attn_mask is not None:
+        s.masked_fill_(attn_mask.logical_not(), 0)
+    return s
+
+
+def forward_block_(
+    o: Tensor,
+    a: Tensor,
+    v: Tensor,
+    *,
+    causal_diagonal: int | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """One block of :func:`forward`, given ``tanh(x)`` of the block in ``a``::
+
+        a = M * a        (in place)        o += a @ v
+
+    Args:
+        o: ``(G, rows, e)`` accumulator for the block's rows of ``o``.
+        a: ``(G, rows, cols)``, ``tanh(scale * q_i @ k_j^T)`` on entry, the block of ``a`` on
+            return.
+        v: ``(G, cols, e)``, the block's rows of ``v``.
+        causal_diagonal, attn_mask: the block's keep-mask.
+
+    Returns:
+        ``a``, masked.
+    """
+    keep_block_(a, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
+    o.baddbmm_(a, v)
+    return a
+
+
+def vjp_block_(
+    g_q: Tensor | None,
+    g_k: Tensor | None,
+    g_v: Tensor | None,
+    g_o: Tensor | None,
+    g_a: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    *,
+    scale: float = 1.0,
+    causal_diagonal: int | None = None,
+    attn_mask: Tensor | None = None,
+) -> None:
+    """One block of :func:`vjp`, accumulated into the gradient buffers::
+
+        G    = g_o @ v^T + g_a                  (one new block buffer)
+        g_x  = M * G * (1 - a^2)                (in place in G)
+        g_q += scale * g_x @ k     g_k += scale * g_x^T @ q     g_v += a^T @ g_o
+
+    Args:
+        g_q, g_k, g_v: accumulators ``(G, rows, d)``, ``(G, cols, d)``, ``(G, cols, e)`` for
+            the block's rows of each gradient, or None where that gradient is not wanted.
+        g_o: ``(G, rows, e)`` or None.  g_a: ``(G, rows, cols)`` or None (absent terms are
+            dropped, as in :func:`vjp`; both None is a no-op).
+        q: ``(G, rows, d)``.  k: ``(G, cols, d)``.  v: ``(G, cols, e)``.
+        a: ``(G, rows, cols)``, the block of ``a`` (masked entries 0). Not modified.
+        scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
+    """
+    if (g_q is not None or g_k is not None) and (g_o is not None or g_a is not None):
+        if g_o is None:
+            assert g_a is not None
+            g = torch.ops.aten.tanh_backward(g_a, a)
+        else:
+            g = torch.matmul(g_o, v.mT) if g_a is None else torch.baddbmm(g_a, g_o, v.mT)
+            torch.ops.aten.tanh_backward.grad_input(g, a, grad_input=g)
+        keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
+        if g_q is not None:
+            g_q.baddbmm_(g, k, alpha=scale)
+        if g_k is not None:
+            g_k.baddbmm_(g.mT, q, alpha=scale)
+    if g_v is not None and g_o is not None:
+        g_v.baddbmm_(a.mT, g_o)
+
+
+def jvp_block_(
+    t_o: Tensor,
+    t_q: Tensor | None,
+    t_k: Tensor | None,
+    t_v: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    *,
+    scale: float = 1.0,
+    causal_diagonal: int | None = None,
+    attn_mask: Tensor | None = None,
+) -> None:
+    """One block of :func:`jvp`'s ``t_o``, accumulated into ``t_o``::
+
+        t_x/scale = t_q @ k^T + q @ t_k^T        (one new block buffer)
+        t_o += scale * (M * (1 - a^2) * t_x/scale) @ v  +  a @ t_v
+
+    Args:
+        t_o: ``(G, rows, e)`` accumulator for the block's rows of ``t_o``.
+        t_q, t_k, t_v: the blocks of the input tangents (None when absent).
+        q, k, v, a: as in :func:`vjp_block_`.
+        scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
+    """
+    t = None
+    if t_q is not None:
+        t = torch.matmul(t_q, k.mT)
+    if t_k is not None:
+        t = torch.matmul(q, t_k.mT) if t is None else t.baddbmm_(q, t_k.mT)
+    if t is not None:
+        torch.ops.aten.tanh_backward.grad_input(t, a, grad_input=t)
+        keep_block_(t, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
+        t_o.baddbmm_(t, v, alpha=scale)
+    if t_v is not None:
+        t_o.baddbmm_(a, t_v)

@@ -5,28 +5,40 @@ backward is itself a registered op, ``attn_backward``, with its own autograd for
 (``formulas.vjp_of_vjp``), so double backward works and the backward stays one opaque node
 under ``torch.compile`` and ``torch.export``. Both ops have fake kernels and vmap rules.
 
+The ops' bodies are the blocked CPU kernels of ``kernels/blockwise.py``: the forward writes
+``a`` once (each block's tanh fused into its matmul, ``kernels/tanh.py``), and the backward
+works block by block in one block-sized buffer, in place. Those kernels are not
+differentiable; where a transform must see through the op (``torch.func`` reverse mode,
+forward AD over the backward) it gets the same formulas as plain torch code instead.
+
 Forward-mode AD: on torch 2.13 a ``custom_op`` drops input tangents silently (its autograd
 kernel only builds a graph for inputs that require grad), and ``torch.func.grad`` on it fails.
-``_install_autograd_kernel`` wraps that kernel so that forward AD through ``attn`` gives the
+``install_autograd_kernel`` wraps that kernel so that forward AD through ``attn`` gives the
 right tangents (``formulas.jvp``), forward-over-reverse goes through ``AttnFunction``, and
 ``torch.func`` reverse mode differentiates the ops' bodies as plain torch code.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch._library.autograd import make_autograd_impl
 
 from . import formulas
 from ._checks import validate_attn_inputs
+from ._registration import (
+    forward_extras,
+    install_autograd_kernel,
+    placeholders,
+    tangents,
+    to_batched,
+    under_functorch_grad,
+)
 from .function import AttnFunction
+from .kernels import blockwise
 from .reference import NAMESPACE
 
 __all__ = ["attn", "attn_backward"]
@@ -62,6 +74,21 @@ def attn(
         >>> bool(torch.allclose(o, torch.tanh(q @ q.T) @ v))
         True
     """
+    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
+    o, a = blockwise.forward(q, k, v, attn_mask, scale, causal, need_weights=True)
+    assert a is not None
+    return o, a
+
+
+def _attn_formulas(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    scale: float = 1.0,
+    causal: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``attn`` as plain differentiable torch code, for transforms that trace through it."""
     validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
     return formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
 
@@ -111,14 +138,27 @@ def attn_backward(
         empty ``(0,)`` tensor where it does not (a custom op cannot return None). A gradient
         with no contributing term (``g_v`` when ``grad_o`` is None) is zeros.
     """
+    grads = blockwise.backward(grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs)
+    return placeholders(grads, (q, k, v), needs)
+
+
+def _attn_backward_formulas(
+    grad_o: Tensor | None,
+    grad_a: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    attn_mask: Tensor | None,
+    scale: float,
+    causal: bool,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``attn_backward`` as plain differentiable torch code (``formulas.vjp``)."""
     grads = formulas.vjp(
         grad_o, grad_a, q, k, v, a, attn_mask, scale=scale, causal=causal, needs=needs
     )
-    g_q, g_k, g_v = (
-        (g if g is not None else torch.zeros_like(x)) if need else x.new_empty(0)
-        for g, x, need in zip(grads, (q, k, v), needs, strict=True)
-    )
-    return g_q, g_k, g_v
+    return placeholders(grads, (q, k, v), needs)
 
 
 @attn_backward.register_fake
@@ -197,42 +237,18 @@ attn_backward.register_autograd(_backward_backward_rule, setup_context=_backward
 
 
 # --------------------------------------------------------------------------------------------
-# vmap rules: put the vmapped dim first and align every tensor's logical batch rank, so the
-# ops' own broadcasting handles the batch; unbatched inputs are expanded (stride 0) so that
-# per-sample gradients are not summed over the vmapped dim.
+# vmap rules (_registration.to_batched aligns the inputs; the ops broadcast the batch)
 # --------------------------------------------------------------------------------------------
-
-
-def _to_batched(
-    size: int, tensors: Sequence[Tensor | None], in_dims: Sequence[int | None]
-) -> list[Tensor | None]:
-    logical = [
-        t.dim() - (bd is not None) for t, bd in zip(tensors, in_dims, strict=True) if t is not None
-    ]
-    rank = max(logical)
-    out: list[Tensor | None] = []
-    for t, bd in zip(tensors, in_dims, strict=True):
-        if t is None:
-            out.append(None)
-            continue
-        t = t.expand(size, *t.shape) if bd is None else t.movedim(bd, 0)
-        out.append(t.reshape(size, *([1] * (rank - t.dim() + 1)), *t.shape[1:]))
-    return out
 
 
 def _attn_vmap(
     info: Any, in_dims: Sequence[int | None], q: Tensor, k: Tensor, v: Tensor, *rest: Any
 ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
-    attn_mask, scale, causal = _forward_extras(rest)
+    attn_mask, scale, causal = forward_extras(rest)
     dims = (*in_dims, None)[:4]  # in_dims covers only the arguments actually passed
-    q_, k_, v_, m_ = _to_batched(info.batch_size, (q, k, v, attn_mask), dims)
+    q_, k_, v_, m_ = to_batched(info.batch_size, (q, k, v, attn_mask), dims)
     assert q_ is not None and k_ is not None and v_ is not None
     return attn(q_, k_, v_, m_, scale, causal), (0, 0)
-
-
-def _forward_extras(rest: Sequence[Any]) -> tuple[Any, ...]:
-    defaults = (None, 1.0, False)
-    return (*rest, *defaults[len(rest) :])
 
 
 def _attn_backward_vmap(
@@ -250,7 +266,7 @@ def _attn_backward_vmap(
     needs: Sequence[bool],
 ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
     size = info.batch_size
-    batched = _to_batched(size, (grad_o, grad_a, q, k, v, a, attn_mask), in_dims[:7])
+    batched = to_batched(size, (grad_o, grad_a, q, k, v, a, attn_mask), in_dims[:7])
     grads = attn_backward(*batched, scale, causal, needs)  # type: ignore[arg-type]
     # Each gradient comes back shaped like its padded input: drop the padding. Placeholders
     # are not batched.
@@ -271,44 +287,25 @@ if torch.amp.is_autocast_available("cuda"):
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd kernels: every autograd context, not only plain reverse mode
-#
-# torch.library.custom_op's generated Autograd kernel builds a graph only for inputs that
-# require grad. On torch 2.13 that drops forward-AD tangents silently (zero tangents under
-# torch.func.jvp) and fails under torch.func.grad. Each op below gets a kernel that keeps the
-# generated one for plain reverse mode and routes the other contexts to code that handles them.
+# Autograd kernels: every autograd context, not only plain reverse mode (see _registration)
 # --------------------------------------------------------------------------------------------
-
-
-def _tangents(tensors: Sequence[Tensor | None]) -> list[Tensor | None] | None:
-    """The forward-AD tangents of ``tensors`` at the current level, or None if there are none."""
-    if fwAD._current_level < 0 or not torch._C._is_fwd_grad_enabled():
-        return None
-    tangents = [None if t is None else fwAD.unpack_dual(t).tangent for t in tensors]
-    return tangents if any(t is not None for t in tangents) else None
-
-
-def _under_functorch_grad() -> bool:
-    """True while a torch.func reverse-mode transform (grad, vjp, jacrev) processes the op."""
-    stack = torch._C._functorch.get_interpreter_stack()
-    return bool(stack) and stack[-1].key() == torch._C._functorch.TransformType.Grad
 
 
 def _attn_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> Any:
     q, k, v = args[:3]
-    attn_mask, scale, causal = _forward_extras(args[3:])
-    if _under_functorch_grad():
-        # The op's body is plain torch code: functorch differentiates its aten ops.
-        return attn._init_fn(q, k, v, attn_mask, scale, causal)
-    tangents = _tangents((q, k, v))
-    if tangents is None:
+    attn_mask, scale, causal = forward_extras(args[3:])
+    if under_functorch_grad():
+        # functorch differentiates the aten ops of the formulas.
+        return _attn_formulas(q, k, v, attn_mask, scale, causal)
+    tangent = tangents((q, k, v))
+    if tangent is None:
         return generated(keyset, *args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         # Forward-over-reverse: the backward must carry tangents too; AttnFunction's does.
         return AttnFunction.apply(q, k, v, attn_mask, scale, causal)
     primals = [fwAD.unpack_dual(t).primal for t in (q, k, v)]
     o, a = generated(keyset, *primals, *args[3:])
-    t_q, t_k, t_v = tangents
+    t_q, t_k, t_v = tangent
     q_p, k_p, v_p = primals
     t_o, t_a = formulas.jvp(t_q, t_k, t_v, q_p, k_p, v_p, a, attn_mask, scale=scale, causal=causal)
     assert t_o is not None
@@ -316,32 +313,12 @@ def _attn_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> An
 
 
 def _attn_backward_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> Any:
-    if _under_functorch_grad() or _tangents(args[:6]) is not None:
-        # Forward AD over the backward (forward-over-reverse, jvp of grad): run its body as
+    if under_functorch_grad() or tangents(args[:6]) is not None:
+        # Forward AD over the backward (forward-over-reverse, jvp of grad): the formulas as
         # plain torch code, which forward AD and functorch see through.
-        return attn_backward._init_fn(*args)
+        return _attn_backward_formulas(*args)
     return generated(keyset, *args)
 
 
-def _install_autograd_kernel(op: Any, kernel: Callable[..., Any]) -> None:
-    """Replace ``op``'s Autograd kernel by ``kernel(generated, keyset, *args)``.
-
-    ``generated`` is the kernel ``register_autograd`` made. This is the only place the package
-    leans on private torch API (``make_autograd_impl``, ``CustomOpDef._lib``/``_init_fn``);
-    ``pyproject.toml`` admits only the torch series it was checked on.
-    """
-    generated = make_autograd_impl(op._opoverload, op)
-    with warnings.catch_warnings():
-        # Replacing the kernel is the point; torch warns about any override.
-        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-        op._lib.impl(
-            op._name,
-            functools.partial(kernel, generated),
-            "Autograd",
-            with_keyset=True,
-            allow_override=True,
-        )
-
-
-_install_autograd_kernel(attn, _attn_autograd)
-_install_autograd_kernel(attn_backward, _attn_backward_autograd)
+install_autograd_kernel(attn, _attn_autograd)
+install_autograd_kernel(attn_backward, _attn_backward_autograd)

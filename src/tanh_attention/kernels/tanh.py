@@ -1,0 +1,111 @@
+"""``tanh(scale * q @ k^T)`` for one block: the elementwise hot spot of tanh attention.
+
+Why this is its own kernel: on the 2-core AVX-512 machines this package is benchmarked on,
+``torch.tanh`` costs about 4 ns per float32 element and core (about 6x ``torch.sigmoid``),
+more than the matrix products around it. ``2 * sigmoid(2x) - 1`` is fast but loses all
+relative accuracy near 0 (tanh(1e-8) comes out as 0), and a rational approximation built
+from torch ops needs a dozen passes over the block. oneDNN, which every x86 and aarch64
+PyTorch wheel ships, can apply tanh in the epilogue of its matrix product while the scores
+are still in registers: ``torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [], "")``
+computes ``tanh(q @ k^T)`` for little more than the product alone, within about 1.2 float32
+ulp of the exact tanh (``tests/test_tanh_accuracy.py`` sweeps float32 densely and requires
+4 ulp). Nothing is compiled on install or at run time.
+
+The oneDNN path is taken only where a probe on first use shows it runs and is accurate for
+the dtype (float32, and bfloat16 where the CPU supports it); otherwise the block is a
+``torch.matmul`` followed by an in-place ``torch.tanh``. :func:`tanh_method` says which one
+runs, and why.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["scores_tanh", "tanh_method"]
+
+# A probe sample: float32 inputs from 1e-30 to 20 (log-spaced, both signs) and 0, where
+# tanh's relative accuracy is hardest near 0 and its rounding to +-1 near the top.
+_PROBE_POINTS = 4097
+# The accuracy promised for float32 (tests/test_tanh_accuracy.py checks a dense sweep).
+MAX_ULP = 4.0
+
+
+def _ulp_error(got: Tensor, x: Tensor) -> Tensor:
+    """|got - tanh(x)| in units of the float32 spacing at tanh(x) (exact tanh in float64)."""
+    exact = torch.tanh(x.double())
+    magnitude = exact.abs().float()
+    spacing = torch.nextafter(magnitude, torch.tensor(float("inf"))) - magnitude
+    return (got.double() - exact).abs() / spacing.double()
+
+
+def _onednn_tanh_scores(q: Tensor, k: Tensor) -> Tensor:
+    """``tanh(q @ k^T)`` by oneDNN: q ``(..., n, d)``, k ``(m, d)``; tanh in the GEMM epilogue."""
+    return torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [], "")
+
+
+@functools.cache
+def _onednn_reason(dtype: torch.dtype) -> str | None:
+    """Why oneDNN's fused tanh cannot serve ``dtype`` on this machine, or None if it can."""
+    if not torch.backends.mkldnn.is_available():
+        return "PyTorch was built without oneDNN (mkldnn)"
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return "this PyTorch build has no torch.ops.mkldnn._linear_pointwise"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN's fused tanh is not used for {dtype}"
+    mag = torch.logspace(-30, torch.log10(torch.tensor(20.0)).item(), _PROBE_POINTS // 2)
+    x = torch.cat([-mag.flip(0), torch.zeros(1), mag])
+    try:
+        got = _onednn_tanh_scores(x.to(dtype).unsqueeze(-1), torch.ones(1, 1, dtype=dtype))
+    except RuntimeError as err:  # oneDNN has no kernel for this dtype on this CPU
+        return f"oneDNN cannot run it here ({str(err).splitlines()[0]})"
+    got = got.squeeze(-1).float()
+    if dtype == torch.float32:
+        worst = _ulp_error(got, x).max().item()
+        if worst > MAX_ULP:
+            return f"oneDNN's tanh is {worst:.2g} ulp off here (limit {MAX_ULP})"
+    elif not torch.allclose(got, torch.tanh(x.to(dtype).float()), rtol=2**-7, atol=0.0):
+        return f"oneDNN's tanh is inaccurate for {dtype} here"
+    return None
+
+
+def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """Which method :func:`scores_tanh` uses for ``dtype`` on ``device``, and why.
+
+    Returns:
+        ``("onednn", reason)`` for oneDNN's matmul with a fused tanh epilogue, or
+        ``("torch", reason)`` for ``torch.matmul`` followed by ``torch.tanh_``.
+
+    Example:
+        >>> method, why = tanh_method(torch.float64)
+        >>> method
+        'torch'
+    """
+    if torch.device(device).type != "cpu":
+        return "torch", "the fused oneDNN kernel is used on CPU only"
+    reason = _onednn_reason(dtype)
+    if reason is None:
+        return "onednn", "oneDNN applies tanh in its matmul epilogue (probed: runs, accurate)"
+    return "torch", reason
+
+
+def scores_tanh(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``tanh(scale * q @ k^T)`` for one block, in a new tensor.
+
+    Args:
+        q: ``(G, n, d)`` queries of ``G`` problems.
+        k: ``(G, m, d)`` or ``(1, m, d)`` keys (the latter shared by all ``G`` problems).
+        scale: multiplies the scores.
+
+    Returns:
+        ``(G, n, m)`` in q's dtype. The oneDNN path needs one key matrix for the block; a
+        block of several problems with their own keys (only tiny problems are batched that
+        way, see ``blockwise``) takes the torch path.
+    """
+    qs = q * scale if scale != 1.0 else q
+    fused = k.shape[0] == 1 and q.numel() > 0 and k.numel() > 0  # oneDNN rejects d = 0
+    if fused and tanh_method(q.dtype, q.device)[0] == "onednn":
+        return _onednn_tanh_scores(qs, k[0])
+    return torch.matmul(qs, k.mT).tanh_()

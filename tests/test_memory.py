@@ -1,0 +1,121 @@
+"""Memory claims, proved by recording every tensor created.
+
+- The o-only path (``attn_lean``, and ``attn(..., need_weights=False)``) never allocates a
+  tensor of ``n * m`` elements or more, in forward or in backward.
+- The with-weights op's backward allocates at most one ``n x m`` temporary.
+
+A TorchDispatchMode sees every aten op, also those run by the autograd engine. The ops' own
+bodies run below the mode (a mode handles a custom op as one call), so for our ops the mode
+runs the body itself with the mode still active, and sees its aten ops too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import tanh_attention
+from tanh_attention import ops
+from tanh_attention.kernels import blockwise
+
+# Large relative to the blocks, and not multiples of them.
+N = 3 * blockwise.BLOCK_ROWS + 37
+M = 3 * blockwise.BLOCK_COLS + 101
+D, E = 8, 4
+
+# The Python bodies of our ops (a custom op's body is not dispatched through the mode).
+_BODIES = {
+    torch.ops.tanh_attention.attn_lean.default: blockwise.attn_lean._init_fn,
+    torch.ops.tanh_attention.attn_lean_backward.default: blockwise.attn_lean_backward._init_fn,
+    torch.ops.tanh_attention.attn.default: ops.attn._init_fn,
+    torch.ops.tanh_attention.attn_backward.default: ops.attn_backward._init_fn,
+}
+
+
+def _storages(tree: Any) -> set[int]:
+    return {
+        t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)
+    }
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element count of every tensor an aten op creates.
+
+    A tensor is created when its storage is none of the op's inputs' storages: views, in-place
+    and ``out=`` results are not new memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in _BODIES:
+            with self:  # records the body's ops; its outputs are among them
+                return _BODIES[func](*args, **kwargs)
+        out = func(*args, **kwargs)
+        old = _storages((args, kwargs))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in old:
+                self.sizes.append((str(func), t.untyped_storage().nbytes() // t.element_size()))
+        return out
+
+    def at_least(self, count: int) -> list[tuple[str, int]]:
+        return [(name, size) for name, size in self.sizes if size >= count]
+
+
+def _inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    # q batched over heads, k and v shared (broadcast): (2, N, D), (M, D), (1, M, E)
+    return (
+        torch.randn(2, N, D, dtype=dtype).div_(4).requires_grad_(),
+        torch.randn(M, D, dtype=dtype).requires_grad_(),
+        torch.randn(1, M, E, dtype=dtype).requires_grad_(),
+    )
+
+
+def _lean_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+    return torch.ops.tanh_attention.attn_lean(q, k, v, kw.get("attn_mask"), 0.5, kw["causal"])
+
+
+def _public(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+    o, a = tanh_attention.attn(q, k, v, scale=0.5, need_weights=False, **kw)
+    assert a is None
+    return o
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("entry", [_lean_op, _public], ids=["attn_lean", "public"])
+def test_o_only_never_allocates_n_by_m(entry: Any, causal: bool, dtype: torch.dtype) -> None:
+    q, k, v = _inputs(dtype)
+    key_padding = torch.rand(1, M) < 0.9  # a mask broadcast over queries: (1, M)
+    with _Allocations() as forward:
+        o = entry(q, k, v, causal=causal, attn_mask=key_padding)
+    with _Allocations() as backward:
+        o.backward(torch.randn_like(o))
+    assert len(forward.sizes) > 10 and len(backward.sizes) > 10  # the mode saw the kernels
+    assert forward.at_least(N * M) == []
+    assert backward.at_least(N * M) == []
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+def test_recording_catches_an_n_by_m_tensor() -> None:
+    """The check has teeth: the with-weights forward returns a, which it records."""
+    q, k, v = _inputs()
+    with _Allocations() as forward:
+        torch.ops.tanh_attention.attn(q, k, v, None, 0.5, False)
+    assert len(forward.at_least(N * M)) >= 1
+
+
+def test_with_weights_backward_allocates_at_most_one_n_by_m_temporary() -> None:
+    q, k, v = _inputs()
+    o, a = torch.ops.tanh_attention.attn(q, k, v, None, 0.5, True)
+    g_o, g_a = torch.randn_like(o), torch.randn_like(a)
+    with _Allocations() as backward:
+        torch.autograd.backward((o, a), (g_o, g_a))
+    assert len(backward.at_least(N * M)) <= 1

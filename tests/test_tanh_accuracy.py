@@ -1,0 +1,70 @@
+"""The tanh the kernels use stays within 4 float32 ulp of the exact tanh.
+
+A dense sweep of float32 inputs: every 37th bit pattern from 0 up to 10 (past which tanh
+rounds to 1), about 227,000 per binade, so subnormals and tiny |x| are included (where
+``2*sigmoid(2x) - 1`` loses everything), both signs; plus special values. The exact value
+is float64 tanh, and an ulp is the float32 spacing at it. The sweep runs through
+``kernels.tanh.scores_tanh`` with a 1 x 1 key of 1.0, so it checks the very code path of the
+kernels (``q @ k^T`` is then exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tanh_attention.kernels import tanh as tanh_kernel
+
+MAX_ULP = 4.0
+_STRIDE = 37
+_TOP = torch.tensor(10.0).view(torch.int32).item()  # bit pattern of 10.0
+
+
+def _sweep(stride: int = _STRIDE) -> torch.Tensor:
+    bits = torch.arange(0, _TOP + 1, stride, dtype=torch.int32)
+    x = bits.view(torch.float32)
+    return torch.cat([x, -x])
+
+
+def _ulp_error(got: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    exact = torch.tanh(x.double())
+    magnitude = exact.abs().float()
+    spacing = torch.nextafter(magnitude, torch.tensor(float("inf"))) - magnitude
+    return (got.double() - exact).abs() / spacing.double()
+
+
+def _kernel_tanh(x: torch.Tensor) -> torch.Tensor:
+    one = torch.ones(1, 1, 1, dtype=x.dtype)
+    out = torch.empty_like(x)
+    for chunk, dst in zip(x.split(1 << 22), out.split(1 << 22), strict=True):
+        dst.copy_(tanh_kernel.scores_tanh(chunk.view(1, -1, 1), one, 1.0).view(-1))
+    return out
+
+
+def test_kernel_tanh_within_4_ulp_over_dense_float32_sweep() -> None:
+    x = _sweep()
+    assert x.numel() > 5e7
+    err = _ulp_error(_kernel_tanh(x), x)
+    worst = int(err.argmax())
+    assert err[worst] <= MAX_ULP, f"{err[worst].item():.3g} ulp at x = {x[worst].item()!r}"
+
+
+def test_special_values() -> None:
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([0.0, -0.0, inf, -inf, 1e30, -1e30, 88.0, -88.0, 1e-45, -1e-45, nan])
+    got = _kernel_tanh(x)
+    want = torch.tanh(x.double()).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sweep_catches_an_inaccurate_tanh() -> None:
+    """The sweep has teeth: 2 * sigmoid(2x) - 1 is fast but fails it near 0."""
+    x = _sweep(stride=1009)
+    err = _ulp_error(2 * torch.sigmoid(2 * x) - 1, x)
+    assert err.max() > 1e6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_method_is_reported(dtype: torch.dtype) -> None:
+    method, reason = tanh_kernel.tanh_method(dtype)
+    assert method in ("onednn", "torch") and reason
