@@ -25,6 +25,16 @@ from tanh_attention.nn import MultiheadTanhAttention
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """The shapes here are tiny: one thread is fastest, and on a busy machine torch's
+    default thread pool makes these tests several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------
 # The independent reference
 # --------------------------------------------------------------------------------------------
