@@ -90,6 +90,7 @@ def _documented_objects(module: object) -> list[object]:
         "tanh_attention.ops",
         "tanh_attention.reference",
         "tanh_attention.registry",
+        "tanh_attention.nn",
     ],
 )
 def test_docstring_examples(module: str) -> None:
