@@ -169,12 +169,6 @@ def _with_oracle_weights(lean: Callable[..., Tensor]) -> Impl:
     return f
 
 
-def _public_lean(q: Tensor, k: Tensor, v: Tensor, m: Tensor | None, s: float, c: bool) -> Any:
-    o, a = tanh_attention.attn(q, k, v, scale=s, causal=c, attn_mask=m, need_weights=False)
-    assert a is None
-    return o
-
-
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     name: str
@@ -187,7 +181,6 @@ IMPLEMENTATIONS: list[Implementation] = [
     Implementation("op", torch.ops.tanh_attention.attn),
     Implementation("public", _public),
     Implementation("lean", _with_oracle_weights(torch.ops.tanh_attention.attn_lean)),
-    Implementation("public_lean", _with_oracle_weights(_public_lean)),
 ]
 
 IMPL_IDS = [i.name for i in IMPLEMENTATIONS]

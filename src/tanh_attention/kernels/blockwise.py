@@ -45,6 +45,7 @@ from .._registration import (
 )
 from ..function import AttnFunction
 from ..reference import NAMESPACE
+from . import hugepages
 from .tanh import scores_tanh
 
 __all__ = [
@@ -100,7 +101,8 @@ class _Problem:
         self.causal = causal
         self.mask = None if attn_mask is None else attn_mask.expand(*self.batch, self.n, self.m)
         self.rows = max(1, min(self.n, block_rows or BLOCK_ROWS))
-        self.cols = max(1, min(self.m, block_cols or BLOCK_COLS))
+        # Causal: square blocks, so that the skipped ones cover nearly half of n x m.
+        self.cols = max(1, min(self.m, block_cols or (self.rows if causal else BLOCK_COLS)))
         entries = self.n * self.m
         whole = self.rows == self.n and self.cols == self.m
         self.group = (
@@ -186,7 +188,11 @@ def forward(
     """
     p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
     o = torch.zeros(p.size, p.n, p.e, dtype=p.compute, device=q.device)
-    a = q.new_empty((*p.batch, p.n, p.m)) if need_weights else None
+    a = (
+        hugepages.empty((*p.batch, p.n, p.m), dtype=q.dtype, device=q.device)
+        if need_weights
+        else None
+    )
     if p.trivial:
         return o.reshape(*p.batch, p.n, p.e).to(p.dtype), None if a is None else a.zero_()
     q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
