@@ -99,9 +99,10 @@ def _gradchecks(fn: Callable[..., Any], inputs: tuple[Any, ...]) -> dict[str, Re
 def _max_error(got: Any, want: Any) -> float:
     import torch
 
+    # A backend without weights (the memory-efficient one) returns (o,): compare what it has.
     errors = [
         (g.detach() - w.detach()).abs().max().item()
-        for g, w in zip(got, want, strict=True)
+        for g, w in zip(got, want, strict=False)
         if isinstance(g, torch.Tensor) and g.numel()
     ]
     return max(errors, default=0.0)
@@ -234,7 +235,9 @@ def run(args: argparse.Namespace) -> int:
     from . import __version__
     from .registry import backends
 
-    console = Console(stderr=args.json)
+    # A log or pipe gets a fixed width wide enough for the table (rich would use 80).
+    stream = sys.stderr if args.json else sys.stdout
+    console = Console(stderr=args.json, width=None if stream.isatty() else 130)
     try:
         with console.status("checking implementations...") as status:
             rows = run_checks(
