@@ -24,7 +24,9 @@ SHAPES = [(64, 4096), (128, 1024), (128, 2048), (256, 512), (256, 1024), (256, 2
 
 
 def _median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
+    start = time.perf_counter()
+    while time.perf_counter() - start < 1.0:  # warm-up: the first runs are slower
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -19,7 +19,7 @@ from torch.autograd import forward_ad as fwAD
 import tanh_attention
 from samples import reference
 from tanh_attention.kernels import blockwise
-from tanh_attention.kernels import tanh as tanh_kernel
+from tanh_attention.kernels import cpu as cpu_kernels
 
 F64 = torch.float64
 LEAN = torch.ops.tanh_attention.attn_lean
@@ -197,16 +197,28 @@ def test_low_precision(dtype: torch.dtype, tol: float, need_weights: bool) -> No
 def test_scores_tanh(dtype: torch.dtype) -> None:
     q, k = torch.randn(2, 33, 7, dtype=dtype), torch.randn(1, 65, 7, dtype=dtype)
     want = torch.tanh(0.3 * q.double() @ k.double().mT)
-    torch.testing.assert_close(tanh_kernel.scores_tanh(q, k, 0.3), want.to(dtype))
+    torch.testing.assert_close(cpu_kernels.scores_tanh(q, k, 0.3), want.to(dtype))
     k2 = torch.randn(2, 65, 7, dtype=dtype)  # a block of problems with their own keys
     want = torch.tanh(0.3 * q.double() @ k2.double().mT)
-    torch.testing.assert_close(tanh_kernel.scores_tanh(q, k2, 0.3), want.to(dtype))
+    torch.testing.assert_close(cpu_kernels.scores_tanh(q, k2, 0.3), want.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+def test_matmul_t(dtype: torch.dtype) -> None:
+    x, y = torch.randn(1, 33, 7, dtype=dtype), torch.randn(1, 65, 7, dtype=dtype)
+    add = torch.randn(1, 80, 33, dtype=dtype).mT[:, :, 3:68]  # strided, like a block of g_a
+    want = x.double() @ y.double().mT
+    torch.testing.assert_close(cpu_kernels.matmul_t(x, y), want.to(dtype))
+    torch.testing.assert_close(cpu_kernels.matmul_t(x, y, add), (want + add.double()).to(dtype))
+    y2 = torch.randn(2, 65, 7, dtype=dtype)  # a block of problems with their own y
+    want = x.double() @ y2.double().mT
+    torch.testing.assert_close(cpu_kernels.matmul_t(x.expand(2, 33, 7), y2), want.to(dtype))
 
 
 def test_tanh_method_is_inspectable() -> None:
-    method, why = tanh_kernel.tanh_method(F64)
+    method, why = cpu_kernels.tanh_method(F64)
     assert method == "torch" and "float64" in why
-    method, why = tanh_kernel.tanh_method(torch.float32)
+    method, why = cpu_kernels.tanh_method(torch.float32)
     assert method in ("onednn", "torch") and why
     if torch.backends.mkldnn.is_available():
         assert method == "onednn", why

@@ -4,7 +4,7 @@ A dense sweep of float32 inputs: every 37th bit pattern from 0 up to 10 (past wh
 rounds to 1), about 227,000 per binade, so subnormals and tiny |x| are included (where
 ``2*sigmoid(2x) - 1`` loses everything), both signs; plus special values. The exact value
 is float64 tanh, and an ulp is the float32 spacing at it. The sweep runs through
-``kernels.tanh.scores_tanh`` with a 1 x 1 key of 1.0, so it checks the very code path of the
+``kernels.cpu.scores_tanh`` with a 1 x 1 key of 1.0, so it checks the very code path of the
 kernels (``q @ k^T`` is then exact).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tanh_attention.kernels import tanh as tanh_kernel
+from tanh_attention.kernels import cpu as cpu_kernels
 
 MAX_ULP = 4.0
 _STRIDE = 37
@@ -37,7 +37,7 @@ def _kernel_tanh(x: torch.Tensor) -> torch.Tensor:
     one = torch.ones(1, 1, 1, dtype=x.dtype)
     out = torch.empty_like(x)
     for chunk, dst in zip(x.split(1 << 22), out.split(1 << 22), strict=True):
-        dst.copy_(tanh_kernel.scores_tanh(chunk.view(1, -1, 1), one, 1.0).view(-1))
+        dst.copy_(cpu_kernels.scores_tanh(chunk.view(1, -1, 1), one, 1.0).view(-1))
     return out
 
 
@@ -66,5 +66,5 @@ def test_sweep_catches_an_inaccurate_tanh() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_method_is_reported(dtype: torch.dtype) -> None:
-    method, reason = tanh_kernel.tanh_method(dtype)
+    method, reason = cpu_kernels.tanh_method(dtype)
     assert method in ("onednn", "torch") and reason

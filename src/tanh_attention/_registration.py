@@ -100,9 +100,12 @@ def placeholders(
     grads: Sequence[Tensor | None], inputs: Sequence[Tensor], needs: Sequence[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A backward op's outputs: a custom op cannot return None, so a needed gradient without
-    a contributing term is zeros and one not asked for is an empty ``(0,)`` tensor."""
+    a contributing term is zeros and one not asked for is an empty ``(0,)`` tensor.
+
+    Gradients are contiguous whatever the inputs' strides, as the fake kernels say (a
+    compiled graph relies on the fake kernel's strides)."""
     g_q, g_k, g_v = (
-        (g if g is not None else torch.zeros_like(x)) if need else x.new_empty(0)
+        (x.new_zeros(x.shape) if g is None else g.contiguous()) if need else x.new_empty(0)
         for g, x, need in zip(grads, inputs, needs, strict=True)
     )
     return g_q, g_k, g_v

@@ -13,12 +13,13 @@ backward ``6nm(d+e)``, plus ``2nmd`` for the o-only backward's recompute of the 
 ``12nmd``, ``14nmd`` at d = e; scaled by the kept fraction when causal) at the rate
 ``torch.mm`` reaches on a 2048^3 product of that dtype in the same run.
 
-Time is the median of ``--repeats`` runs (at least 5) after one warm-up run (which also
-compiles). Peak memory is measured in a fresh process per configuration and implementation:
-inputs are built, one warm-up run is made (compiling, if any), the peak is reset
-(``/proc/self/clear_refs``; without it, ``resource.getrusage`` gives the peak since process
-start) and one more run is measured; the table reports the peak above the resident size
-before that run.
+Time is the median of ``--repeats`` runs (at least 5) after a warm-up (one run, which also
+compiles, then more for a second); the implementations take turns, one run each per round,
+so that a slow spell of a shared machine hits them alike. Peak memory is measured in a
+fresh process per configuration and implementation: inputs are built, one warm-up run is
+made (compiling, if any), the peak is reset (``/proc/self/clear_refs``; without it,
+``resource.getrusage`` gives the peak since process start) and one more run is measured;
+the table reports the peak above the resident size before that run.
 
 Heavy imports (torch, JAX, matplotlib, Rich) happen inside functions, so ``tanh-attention
 --help`` stays fast.
@@ -171,12 +172,11 @@ def _torch_inputs(config: Config, seed: int = 0) -> dict[str, Any]:
     return inputs
 
 
-def _torch_runner(impl: str, config: Config) -> Callable[[], Any]:
+def _torch_runner(impl: str, config: Config, x: dict[str, Any]) -> Callable[[], Any]:
     import torch
 
     import tanh_attention
 
-    x = _torch_inputs(config)
     q, k, v, scale, causal = x["q"], x["k"], x["v"], x["scale"], config.causal
 
     def composite(q: Any, k: Any, v: Any) -> Any:
@@ -208,11 +208,10 @@ def _torch_runner(impl: str, config: Config) -> Callable[[], Any]:
     return forward_backward
 
 
-def _jax_runner(config: Config) -> Callable[[], Any]:
+def _jax_runner(config: Config, x: dict[str, Any]) -> Callable[[], Any]:
     import jax
     import jax.numpy as jnp
 
-    x = _torch_inputs(config)
     dtype = getattr(jnp, config.dtype)
 
     def to_jax(t: Any) -> Any:
@@ -248,8 +247,10 @@ def _jax_runner(config: Config) -> Callable[[], Any]:
     return call
 
 
-def _runner(impl: str, config: Config) -> Callable[[], Any]:
-    return _jax_runner(config) if impl == "jax" else _torch_runner(impl, config)
+def _runner(impl: str, config: Config, inputs: dict[str, Any] | None = None) -> Callable[[], Any]:
+    """One timed iteration of ``impl`` on ``config``'s inputs (made if not given)."""
+    x = _torch_inputs(config) if inputs is None else inputs
+    return _jax_runner(config, x) if impl == "jax" else _torch_runner(impl, config, x)
 
 
 def _unavailable(impl: str, config: Config, max_bytes: int) -> str | None:
@@ -270,13 +271,24 @@ def _unavailable(impl: str, config: Config, max_bytes: int) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up: compiles, faults in memory, fills caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _warm_up(fn: Callable[[], Any], seconds: float = 1.0) -> None:
+    """Run ``fn`` once (compiling, faulting memory in), then on for ``seconds``: on the
+    benchmark machine the first runs of a fresh shape are slower."""
+    start = time.perf_counter()
+    fn()
+    while time.perf_counter() - start < seconds:
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
+
+
+def _time_ms(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+    _warm_up(fn)
+    times = [_time_ms(fn) for _ in range(repeats)]
     return statistics.median(times), times
 
 
@@ -387,7 +399,7 @@ def machine_info() -> dict[str, Any]:
                 info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))
     except OSError:
         pass
-    from .kernels.tanh import tanh_method
+    from .kernels.cpu import tanh_method
 
     info["tanh_method_float32"] = tanh_method(torch.float32)[0]
     return info
@@ -444,14 +456,26 @@ def run_benchmarks(
             and not config.batch
             and not config.causal
         )
+        runners = {}
+        inputs = _torch_inputs(config)
         for impl in impls:
             reason = _unavailable(impl, config, max_bytes)
             if reason is not None:
                 entry["impls"][impl] = {"skipped": reason}
                 continue
-            say(f"{impl}: {config.name}")
-            median, times = _median_ms(_runner(impl, config), repeats)
-            result: dict[str, Any] = {"time_ms": median, "times_ms": times}
+            say(f"{impl}: {config.name} (warm-up)")
+            runners[impl] = _runner(impl, config, inputs)
+            _warm_up(runners[impl])
+        # Round-robin: each round times every implementation once, so that a slow spell of
+        # the machine hits all of them alike.
+        times: dict[str, list[float]] = {impl: [] for impl in runners}
+        say(f"timing {config.name}")
+        for _ in range(repeats):
+            for impl, fn in runners.items():
+                times[impl].append(_time_ms(fn))
+        del runners, inputs
+        for impl, samples in times.items():
+            result: dict[str, Any] = {"time_ms": statistics.median(samples), "times_ms": samples}
             if want_memory:
                 say(f"{impl}: {config.name} (memory, fresh process)")
                 result["peak_mib"] = _measure_memory(impl, config, threads)
@@ -739,7 +763,7 @@ def run(args: argparse.Namespace) -> int:
     memory = args.memory
     if args.quick and memory == "main":
         memory = "none"
-    steps = len(configs) * len(args.impls) * 2 + 2
+    steps = len(configs) * (len(args.impls) * 2 + 1) + 2
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

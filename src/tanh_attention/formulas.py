@@ -22,7 +22,7 @@ second tensor operand: under vmap that operand may be batched where the target i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -269,7 +269,8 @@ def vjp_of_vjp(
 # matrices, evaluated in place: each function accumulates the block's contribution into
 # buffers the caller owns and does its elementwise work in the one block buffer it makes.
 # Every tensor is (G, rows, features): G problems with equal shapes, no broadcasting. The
-# block's tanh is not computed here (kernels/tanh.py does it in the matmul's epilogue).
+# block's tanh is not computed here (kernels/cpu.py does it in the matmul's epilogue), and the
+# products ``x @ y^T (+ c)`` go through ``matmul_t``, which a kernel may pass a faster one for.
 # In-place updates make these functions non-differentiable: kernels call them with autograd
 # off, outside vmap. tests/test_kernels.py checks them against forward/vjp/jvp above.
 #
@@ -277,6 +278,14 @@ def vjp_of_vjp(
 # boundary crosses the block (entry (r, c) is kept iff j0 + c <= i0 + r, i.e. tril with that
 # diagonal) and None when causal keeps the whole block; ``attn_mask`` is the mask's block.
 # --------------------------------------------------------------------------------------------
+
+
+def _matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
+    """``x @ y^T + add`` in a new tensor (``add`` None: no term)."""
+    return torch.matmul(x, y.mT) if add is None else torch.baddbmm(add, x, y.mT)
+
+
+MatmulT = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 def keep_block_(s: Tensor, *, causal_diagonal: int | None, attn_mask: Tensor | None) -> Tensor:
@@ -329,6 +338,7 @@ def vjp_block_(
     scale: float = 1.0,
     causal_diagonal: int | None = None,
     attn_mask: Tensor | None = None,
+    matmul_t: MatmulT = _matmul_t,
 ) -> None:
     """One block of :func:`vjp`, accumulated into the gradient buffers::
 
@@ -344,13 +354,14 @@ def vjp_block_(
         q: ``(G, rows, d)``.  k: ``(G, cols, d)``.  v: ``(G, cols, e)``.
         a: ``(G, rows, cols)``, the block of ``a`` (masked entries 0). Not modified.
         scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
+        matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
     """
     if (g_q is not None or g_k is not None) and (g_o is not None or g_a is not None):
         if g_o is None:
             assert g_a is not None
             g = torch.ops.aten.tanh_backward(g_a, a)
         else:
-            g = torch.matmul(g_o, v.mT) if g_a is None else torch.baddbmm(g_a, g_o, v.mT)
+            g = matmul_t(g_o, v, g_a)
             torch.ops.aten.tanh_backward.grad_input(g, a, grad_input=g)
         keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
         if g_q is not None:
@@ -374,6 +385,7 @@ def jvp_block_(
     scale: float = 1.0,
     causal_diagonal: int | None = None,
     attn_mask: Tensor | None = None,
+    matmul_t: MatmulT = _matmul_t,
 ) -> None:
     """One block of :func:`jvp`'s ``t_o``, accumulated into ``t_o``::
 
@@ -385,12 +397,13 @@ def jvp_block_(
         t_q, t_k, t_v: the blocks of the input tangents (None when absent).
         q, k, v, a: as in :func:`vjp_block_`.
         scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
+        matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
     """
     t = None
     if t_q is not None:
-        t = torch.matmul(t_q, k.mT)
+        t = matmul_t(t_q, k, None)
     if t_k is not None:
-        t = torch.matmul(q, t_k.mT) if t is None else t.baddbmm_(q, t_k.mT)
+        t = matmul_t(q, t_k, None) if t is None else t.baddbmm_(q, t_k.mT)
     if t is not None:
         torch.ops.aten.tanh_backward.grad_input(t, a, grad_input=t)
         keep_block_(t, causal_diagonal=causal_diagonal, attn_mask=attn_mask)

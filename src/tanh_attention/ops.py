@@ -6,7 +6,7 @@ backward is itself a registered op, ``attn_backward``, with its own autograd for
 under ``torch.compile`` and ``torch.export``. Both ops have fake kernels and vmap rules.
 
 The ops' bodies are the blocked CPU kernels of ``kernels/blockwise.py``: the forward writes
-``a`` once (each block's tanh fused into its matmul, ``kernels/tanh.py``), and the backward
+``a`` once (each block's tanh fused into its matmul, ``kernels/cpu.py``), and the backward
 works block by block in one block-sized buffer, in place. Those kernels are not
 differentiable; where a transform must see through the op (``torch.func`` reverse mode,
 forward AD over the backward) it gets the same formulas as plain torch code instead.
@@ -175,7 +175,7 @@ def _attn_backward_fake(
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     g_q, g_k, g_v = (
-        torch.empty_like(x) if need else x.new_empty(0)
+        x.new_empty(x.shape) if need else x.new_empty(0)  # contiguous, as the kernel's
         for x, need in zip((q, k, v), needs, strict=True)
     )
     return g_q, g_k, g_v

@@ -4,7 +4,8 @@ The ``n x m`` matrices (scores, ``a``, their gradients) are processed one block 
 ``i0:i1`` and columns ``j0:j1`` at a time, so a block stays in cache while its tanh, its
 mask and its matrix products use it. Each block runs the block form of the formulas
 (``formulas.forward_block_``, ``vjp_block_``, ``jvp_block_``); its tanh comes from
-``kernels.tanh.scores_tanh`` (oneDNN's matmul with a fused tanh where available).
+``kernels.cpu.scores_tanh`` (oneDNN's matmul with a fused tanh where available), and its
+products ``x @ y^T (+ c)`` from ``kernels.cpu.matmul_t``.
 
 - :func:`forward`: ``(o, a)``, or ``(o, None)`` without ever holding more than one block of
   ``a`` (the memory-efficient path).
@@ -46,7 +47,7 @@ from .._registration import (
 from ..function import AttnFunction
 from ..reference import NAMESPACE
 from . import hugepages
-from .tanh import scores_tanh
+from .cpu import matmul_t, scores_tanh
 
 __all__ = [
     "BLOCK_COLS",
@@ -58,10 +59,10 @@ __all__ = [
     "jvp",
 ]
 
-# Block sizes: a float32 block of BLOCK_ROWS x BLOCK_COLS is 1 MiB, the L2 cache of one core
-# on the machines benchmarks/RESULTS.md was measured on. Larger blocks amortize Python and
-# oneDNN call overhead; smaller ones stay in cache (benchmarks/blocks.py measures the choice).
-BLOCK_ROWS = 256
+# Block sizes: a float32 block of BLOCK_ROWS x BLOCK_COLS is 2 MiB, the L2 caches of the two
+# cores of the machine benchmarks/RESULTS.md was measured on. Larger blocks amortize Python
+# and oneDNN call overhead; smaller ones stay in cache (benchmarks/blocks.py measures it).
+BLOCK_ROWS = 512
 BLOCK_COLS = 1024
 # Problems with fewer n * m entries than this are grouped, several per block, so that a
 # large batch of small problems is not one Python iteration per problem.
@@ -254,8 +255,10 @@ def backward(
         return None, None, None
     p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
     g_q = p.zeros(p.n, p.d) if need_q else None
-    g_k = p.zeros(p.m, p.d) if need_k else None
-    g_v = p.zeros(p.m, p.e) if need_v else None
+    # g_k and g_v accumulate products with a transposed block (G^T @ q, a^T @ g_o). Kept
+    # column-major, torch computes them as (q^T @ G)^T, which runs ~25% faster here.
+    g_k = p.zeros(p.d, p.m).mT if need_k else None
+    g_v = p.zeros(p.e, p.m).mT if need_v else None
     if not p.trivial:
         q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
         assert q3 is not None and k3 is not None and v3 is not None
@@ -282,6 +285,7 @@ def backward(
                 scale=scale,
                 causal_diagonal=t.causal_diagonal,
                 attn_mask=mask,
+                matmul_t=matmul_t,
             )
     return (
         None if g_q is None else p.unflat(g_q, q),
@@ -336,6 +340,7 @@ def jvp(
                 scale=scale,
                 causal_diagonal=t.causal_diagonal,
                 attn_mask=mask,
+                matmul_t=matmul_t,
             )
     return t_o.reshape(*p.batch, p.n, p.e).to(q.dtype)
 
@@ -430,7 +435,7 @@ def _attn_lean_backward_fake(
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     g_q, g_k, g_v = (
-        torch.empty_like(x) if need else x.new_empty(0)
+        x.new_empty(x.shape) if need else x.new_empty(0)  # contiguous, as the kernel's
         for x, need in zip((q, k, v), needs, strict=True)
     )
     return g_q, g_k, g_v

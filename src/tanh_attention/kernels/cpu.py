@@ -1,20 +1,24 @@
-"""``tanh(scale * q @ k^T)`` for one block: the elementwise hot spot of tanh attention.
+"""The two block primitives of the CPU kernels: ``tanh(scale * q @ k^T)`` and ``x @ y^T + c``.
 
-Why this is its own kernel: on the 2-core AVX-512 machines this package is benchmarked on,
+Why tanh is its own kernel: on the 2-core AVX-512 machines this package is benchmarked on,
 ``torch.tanh`` costs about 4 ns per float32 element and core (about 6x ``torch.sigmoid``),
 more than the matrix products around it. ``2 * sigmoid(2x) - 1`` is fast but loses all
 relative accuracy near 0 (tanh(1e-8) comes out as 0), and a rational approximation built
-from torch ops needs a dozen passes over the block. oneDNN, which every x86 and aarch64
-PyTorch wheel ships, can apply tanh in the epilogue of its matrix product while the scores
-are still in registers: ``torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [], "")``
-computes ``tanh(q @ k^T)`` for little more than the product alone, within about 1.2 float32
-ulp of the exact tanh (``tests/test_tanh_accuracy.py`` sweeps float32 densely and requires
-4 ulp). Nothing is compiled on install or at run time.
+from torch ops needs a dozen passes over the block (``benchmarks/tanh_methods.py`` measures
+the candidates). oneDNN, which the x86 and aarch64 PyTorch wheels ship, can apply tanh in
+the epilogue of its matrix product while the scores are still in registers:
+``torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [], "")`` computes
+``tanh(q @ k^T)`` for little more than the product alone (about 0.45 ns per element and
+core), within about 1.2 float32 ulp of the exact tanh (``tests/test_tanh_accuracy.py`` sweeps
+float32 densely and requires 4 ulp). Nothing is compiled on install or at run time.
+
+The same oneDNN product, with no epilogue or with an added tensor, also computes the
+backward's ``g_o @ v^T + g_a`` faster than ``torch.baddbmm`` for these thin shapes (K = 64)
+on two threads; :func:`matmul_t` uses it.
 
 The oneDNN path is taken only where a probe on first use shows it runs and is accurate for
-the dtype (float32, and bfloat16 where the CPU supports it); otherwise the block is a
-``torch.matmul`` followed by an in-place ``torch.tanh``. :func:`tanh_method` says which one
-runs, and why.
+the dtype (float32, and bfloat16 where the CPU supports it); otherwise a block is computed
+with ``torch.matmul`` (and ``torch.tanh_``). :func:`tanh_method` says which one runs, and why.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["scores_tanh", "tanh_method"]
+__all__ = ["matmul_t", "scores_tanh", "tanh_method"]
 
 # A probe sample: float32 inputs from 1e-30 to 20 (log-spaced, both signs) and 0, where
 # tanh's relative accuracy is hardest near 0 and its rounding to +-1 near the top.
@@ -91,6 +95,17 @@ def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple
     return "torch", reason
 
 
+def _fused(x: Tensor, y: Tensor) -> bool:
+    """Whether oneDNN serves ``x @ y^T`` for this block: one ``y`` for the whole block, no
+    empty dimension (oneDNN rejects K = 0) and a dtype the probe accepted."""
+    return (
+        y.shape[0] == 1
+        and x.numel() > 0
+        and y.numel() > 0
+        and tanh_method(x.dtype, x.device)[0] == "onednn"
+    )
+
+
 def scores_tanh(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """``tanh(scale * q @ k^T)`` for one block, in a new tensor.
 
@@ -105,7 +120,26 @@ def scores_tanh(q: Tensor, k: Tensor, scale: float) -> Tensor:
         way, see ``blockwise``) takes the torch path.
     """
     qs = q * scale if scale != 1.0 else q
-    fused = k.shape[0] == 1 and q.numel() > 0 and k.numel() > 0  # oneDNN rejects d = 0
-    if fused and tanh_method(q.dtype, q.device)[0] == "onednn":
+    if _fused(qs, k):
         return _onednn_tanh_scores(qs, k[0])
     return torch.matmul(qs, k.mT).tanh_()
+
+
+def matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
+    """``x @ y^T + add`` for one block, in a new tensor.
+
+    Args:
+        x: ``(G, n, c)``.  y: ``(G, m, c)`` or ``(1, m, c)`` (shared by the ``G`` problems).
+        add: ``(G, n, m)`` or None.
+
+    Returns:
+        ``(G, n, m)``.
+    """
+    if _fused(x, y):
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, y[0], None, "none", [], "")
+        if add.dtype == x.dtype and add.shape == (*x.shape[:-1], y.shape[-2]):
+            return torch.ops.mkldnn._linear_pointwise.binary(x, add, y[0], None, "add")
+    if add is None:
+        return torch.matmul(x, y.mT)
+    return torch.baddbmm(add, x, y.mT)
