@@ -192,3 +192,21 @@ def test_export_round_trip(tmp_path: Path) -> None:
     loaded = torch.export.load(tmp_path / "attn.pt2")
     fresh = tuple(torch.randn_like(x) for x in args)
     _close(loaded.module()(*fresh), reference(*fresh, None, 0.5, True))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_compiled_backward_with_noncontiguous_inputs(need_weights: bool) -> None:
+    """Fake kernels must describe the real gradients' strides (transposed heads, as in a layer)."""
+    x = torch.randn(2, 5, 8, dtype=F64, requires_grad=True)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        q = x.view(2, 5, 2, 4).transpose(1, 2)  # (2, 2, 5, 4), not contiguous
+        return attn(q, q, q, causal=True, need_weights=need_weights)[0].sin().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    (got,) = torch.autograd.grad(loss, x)
+    (want,) = torch.autograd.grad(
+        reference(*(x.view(2, 5, 2, 4).transpose(1, 2),) * 3, None, 1.0, True)[0].sin().sum(), x
+    )
+    _close(got, want)
