@@ -14,9 +14,10 @@ backward ``6nm(d+e)``, plus ``2nmd`` for the o-only backward's recompute of the 
 ``torch.mm`` reaches on a 2048^3 product of that dtype in the same run.
 
 Time is the median of ``--repeats`` runs (at least 5) after a warm-up (one run, which also
-compiles, then more for a second); the implementations take turns, one run each per round,
-so that a slow spell of a shared machine hits them alike. Peak memory is measured in a
-fresh process per configuration and implementation: inputs are built, one warm-up run is
+compiles, then more for a second); the torch implementations take turns, one run each per
+round, so that a slow spell of a shared machine hits them alike (JAX runs after them).
+Peak memory is measured in a fresh process per configuration and implementation: inputs
+are built, one warm-up run is
 made (compiling, if any), the peak is reset (``/proc/self/clear_refs``; without it,
 ``resource.getrusage`` gives the peak since process start) and one more run is measured;
 the table reports the peak above the resident size before that run.
@@ -456,24 +457,30 @@ def run_benchmarks(
             and not config.batch
             and not config.causal
         )
-        runners = {}
-        inputs = _torch_inputs(config)
+        available = []
         for impl in impls:
             reason = _unavailable(impl, config, max_bytes)
-            if reason is not None:
+            if reason is None:
+                available.append(impl)
+            else:
                 entry["impls"][impl] = {"skipped": reason}
-                continue
-            say(f"{impl}: {config.name} (warm-up)")
-            runners[impl] = _runner(impl, config, inputs)
-            _warm_up(runners[impl])
-        # Round-robin: each round times every implementation once, so that a slow spell of
-        # the machine hits all of them alike.
-        times: dict[str, list[float]] = {impl: [] for impl in runners}
-        say(f"timing {config.name}")
-        for _ in range(repeats):
-            for impl, fn in runners.items():
-                times[impl].append(_time_ms(fn))
-        del runners, inputs
+        inputs = _torch_inputs(config)
+        times: dict[str, list[float]] = {}
+        # The torch implementations take turns, one run each per round, so that a slow spell
+        # of the machine hits all of them alike. JAX goes last, on its own: its thread pool
+        # keeps spinning after a call and slows down whatever torch runs next.
+        for group in ([i for i in available if i != "jax"], [i for i in available if i == "jax"]):
+            runners = {}
+            for impl in group:
+                say(f"{impl}: {config.name} (warm-up)")
+                runners[impl] = _runner(impl, config, inputs)
+                _warm_up(runners[impl])
+            say(f"timing {config.name}")
+            for _ in range(repeats):
+                for impl, fn in runners.items():
+                    times.setdefault(impl, []).append(_time_ms(fn))
+            del runners
+        del inputs
         for impl, samples in times.items():
             result: dict[str, Any] = {"time_ms": statistics.median(samples), "times_ms": samples}
             if want_memory:
@@ -763,7 +770,7 @@ def run(args: argparse.Namespace) -> int:
     memory = args.memory
     if args.quick and memory == "main":
         memory = "none"
-    steps = len(configs) * (len(args.impls) * 2 + 1) + 2
+    steps = len(configs) * (len(args.impls) * 2 + 2) + 2
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -46,7 +46,7 @@ from .._registration import (
 )
 from ..function import AttnFunction
 from ..reference import NAMESPACE
-from . import hugepages
+from . import memory
 from .cpu import matmul_t, scores_tanh
 
 __all__ = [
@@ -92,6 +92,7 @@ class _Problem:
         block_rows: int | None,
         block_cols: int | None,
     ) -> None:
+        memory.warm_heap()  # block buffers stay in the heap, not faulted in again per block
         self.batch = batch_shape(q, k, v)
         self.size = math.prod(self.batch)
         self.n, self.d = q.shape[-2:]
@@ -189,11 +190,7 @@ def forward(
     """
     p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
     o = torch.zeros(p.size, p.n, p.e, dtype=p.compute, device=q.device)
-    a = (
-        hugepages.empty((*p.batch, p.n, p.m), dtype=q.dtype, device=q.device)
-        if need_weights
-        else None
-    )
+    a = memory.empty((*p.batch, p.n, p.m), dtype=q.dtype, device=q.device) if need_weights else None
     if p.trivial:
         return o.reshape(*p.batch, p.n, p.e).to(p.dtype), None if a is None else a.zero_()
     q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)

@@ -12,9 +12,9 @@ the epilogue of its matrix product while the scores are still in registers:
 core), within about 1.2 float32 ulp of the exact tanh (``tests/test_tanh_accuracy.py`` sweeps
 float32 densely and requires 4 ulp). Nothing is compiled on install or at run time.
 
-The same oneDNN product, with no epilogue or with an added tensor, also computes the
-backward's ``g_o @ v^T + g_a`` faster than ``torch.baddbmm`` for these thin shapes (K = 64)
-on two threads; :func:`matmul_t` uses it.
+The same oneDNN product without the epilogue also computes the backward's ``g_o @ v^T``
+faster than ``torch.matmul`` for these thin shapes (K = 64) on two threads; :func:`matmul_t`
+uses it.
 
 The oneDNN path is taken only where a probe on first use shows it runs and is accurate for
 the dtype (float32, and bfloat16 where the CPU supports it); otherwise a block is computed
@@ -136,10 +136,10 @@ def matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
         ``(G, n, m)``.
     """
     if _fused(x, y):
-        if add is None:
-            return torch.ops.mkldnn._linear_pointwise(x, y[0], None, "none", [], "")
-        if add.dtype == x.dtype and add.shape == (*x.shape[:-1], y.shape[-2]):
-            return torch.ops.mkldnn._linear_pointwise.binary(x, add, y[0], None, "add")
+        # oneDNN's own "add" epilogue (_linear_pointwise.binary) is slower than a separate
+        # in-place add here, by far when ``add`` is a strided block of g_a: it copies it.
+        out = torch.ops.mkldnn._linear_pointwise(x, y[0], None, "none", [], "")
+        return out if add is None else out.add_(add)
     if add is None:
         return torch.matmul(x, y.mT)
     return torch.baddbmm(add, x, y.mT)
