@@ -127,6 +127,7 @@ def _func_mode(case: dict[str, Any]) -> dict[str, Result]:
 
     def ours(*x: torch.Tensor) -> torch.Tensor:
         o, a = attn(*x, attn_mask=rest[0], scale=rest[1], causal=rest[2])
+        assert a is not None  # need_weights defaults to True
         return o.sin().sum() + a.square().sum()
 
     def theirs(*x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,7 @@ def _func_mode(case: dict[str, Any]) -> dict[str, Result]:
         return o.sin().sum() + a.square().sum()
 
     argnums = (0, 1, 2)
-    pairs = {
+    pairs: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
         "forward": (torch.func.vmap(ours), torch.func.vmap(theirs)),
         "gradcheck": (torch.func.jacrev(ours, argnums), torch.func.jacrev(theirs, argnums)),
         "gradgradcheck": (torch.func.hessian(ours, 0), torch.func.hessian(theirs, 0)),
@@ -146,6 +147,11 @@ def _func_mode(case: dict[str, Any]) -> dict[str, Result]:
         want = torch.utils._pytree.tree_leaves(g(*args))
         out[name] = _forward(lambda *x, f=f: torch.utils._pytree.tree_leaves(f(*x)), want, args)
     return out
+
+
+def _bind(call: Callable[..., Any], rest: tuple[Any, ...]) -> Callable[..., Any]:
+    """``call`` with the case's (attn_mask, scale, causal) after the three tensors."""
+    return lambda *x: call(*x, *rest)
 
 
 def run_checks(
@@ -200,9 +206,7 @@ def run_checks(
                 rows.append(Row(name, case_name, _func_mode(case)))
                 continue
 
-            def fn(*x: Any, call: Callable[..., Any] = call, rest: tuple[Any, ...] = rest) -> Any:
-                return call(*x, *rest)
-
+            fn = _bind(call, rest)
             results = {"forward": _forward(fn, want, inputs)}
             if name == "attn-compiled":
                 na = "torch.compile has no double backward or forward AD; first order only"

@@ -16,7 +16,7 @@ from torch import Tensor
 
 __all__ = ["Backend", "backends", "register_backend"]
 
-AttnCall = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float, bool], tuple[Tensor, Tensor]]
+AttnCall = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float, bool], tuple[Tensor, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,8 @@ class Backend:
     Attributes:
         name: short identifier, e.g. ``"op"``.
         description: what it is and where it lives.
-        call: ``call(q, k, v, attn_mask, scale, causal) -> (o, a)``; None if nothing to call.
+        call: ``call(q, k, v, attn_mask, scale, causal) -> (o, a)``, or ``(o,)`` for a backend
+            that never builds the weights; None if nothing to call.
         device: the device type its inputs live on.
         unavailable_reason: a function returning why the backend cannot run here, or None.
     """
@@ -73,6 +74,12 @@ def _no_triton() -> str | None:
     return "no Triton kernels in this version of tanh-attention yet"
 
 
+def _lean(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, causal: bool
+) -> tuple[Tensor]:
+    return (torch.ops.tanh_attention.attn_lean(q, k, v, attn_mask, scale, causal),)
+
+
 def _register_builtin() -> None:
     from .function import AttnFunction
 
@@ -98,6 +105,14 @@ def _register_builtin() -> None:
             "stage 4, torch.ops.tanh_attention.attn: custom op with fake kernel, vmap rule and "
             "attn_backward op",
             torch.ops.tanh_attention.attn,
+        )
+    )
+    register_backend(
+        Backend(
+            "lean",
+            "memory-efficient op torch.ops.tanh_attention.attn_lean: o only, blockwise, "
+            "nothing of size n x m in forward or backward",
+            _lean,
         )
     )
     register_backend(
