@@ -329,6 +329,16 @@ def _reset_peak() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Return freed heap memory to the kernel (glibc ``malloc_trim``), so that the resident
+    size before a measured run counts live data only, not what an earlier run left cached."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def memory_probe(impl: str, config: Config) -> dict[str, Any]:
     """Run in a fresh process: the peak resident memory of one run above the resident size
     before it (inputs, output gradients and the library already loaded)."""
@@ -337,6 +347,7 @@ def memory_probe(impl: str, config: Config) -> dict[str, Any]:
     fn = _runner(impl, config)
     fn()  # warm-up (compiles); its outputs are freed before measuring
     gc.collect()
+    _release_free_heap()
     before = _rss_bytes()
     reset = _reset_peak()
     fn()
