@@ -423,8 +423,9 @@ def run_benchmarks(
     impls: Sequence[str] = IMPLEMENTATIONS,
     repeats: int = 5,
     memory: str = "main",
-    max_gib: float = 12.0,
+    max_gib: float = 8.0,
     progress: Callable[[str], None] | None = None,
+    partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Time (and measure) every implementation on every configuration.
 
@@ -436,6 +437,8 @@ def run_benchmarks(
             batch, not causal) or ``"none"``.
         max_gib: skip an implementation whose estimated peak exceeds this.
         progress: called with a label before each measurement.
+        partial: called with the report so far after each configuration (a long run that
+            is interrupted keeps what it measured).
 
     Returns:
         A JSON-ready dict: ``machine``, ``matmul_gflops`` per dtype, and ``results``: one
@@ -499,6 +502,12 @@ def run_benchmarks(
                 result["peak_mib"] = _measure_memory(impl, config, threads)
             entry["impls"][impl] = result
         results.append(entry)
+        if partial is not None:
+            partial(_report(results, rates, repeats))
+    return _report(results, rates, repeats)
+
+
+def _report(results: list[dict[str, Any]], rates: dict[str, float], repeats: int) -> dict[str, Any]:
     return {
         "machine": machine_info(),
         "matmul_gflops": {k: v / 1e9 for k, v in rates.items()},
@@ -722,7 +731,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "forward+backward)",
     )
     parser.add_argument(
-        "--max-gib", type=float, default=12.0, help="skip cases estimated to need more memory"
+        "--max-gib", type=float, default=8.0, help="skip cases estimated to need more memory"
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write Markdown tables")
@@ -753,7 +762,7 @@ def _command(args: argparse.Namespace) -> str:
     for flag, value, default in [
         ("--repeats", args.repeats, 5),
         ("--memory", args.memory, "main"),
-        ("--max-gib", args.max_gib, 12.0),
+        ("--max-gib", args.max_gib, 8.0),
     ]:
         if value != default:
             words += [flag, str(value)]
@@ -794,6 +803,13 @@ def run(args: argparse.Namespace) -> int:
 
         def progress(label: str) -> None:
             bar.update(task, description=label[:60], advance=1)
+            if not console.is_terminal:  # a log gets one line per step instead of a bar
+                done = int(bar.tasks[0].completed)
+                console.print(f"[{done}/{steps}] {time.strftime('%H:%M:%S')} {label}")
+
+        def partial(report: dict[str, Any]) -> None:
+            if args.json:
+                args.json.write_text(json.dumps({**report, "partial": True}, indent=1))
 
         report = run_benchmarks(
             configs,
@@ -802,6 +818,7 @@ def run(args: argparse.Namespace) -> int:
             memory=memory,
             max_gib=args.max_gib,
             progress=progress,
+            partial=partial,
         )
     report["command"] = _command(args)
 
