@@ -99,3 +99,29 @@ def test_bad_arguments_raise() -> None:
         cli.main(["bench", "--impls", "ours,nope", "--sizes", "8"])
     with pytest.raises(ValueError, match="at least 5"):
         cli.main(["bench", "--repeats", "3", "--sizes", "8"])
+
+
+@pytest.mark.parametrize("weights", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_jax_baseline_computes_the_same_thing(weights: bool, causal: bool) -> None:
+    """The JAX column times tanh attention, not something cheaper: its outputs and
+    gradients match a float64 composite computed independently here."""
+    pytest.importorskip("jax", reason="the JAX baseline is optional (pip install jax)")
+    import numpy as np
+    import torch
+
+    config = bench.Config(24, d=8, causal=causal, backward=True, weights=weights)
+    x = bench._torch_inputs(config)
+    outputs, grads = bench._runner("jax", config, x)()
+
+    q, k, v = (x[name].detach().double().requires_grad_() for name in "qkv")
+    s = x["scale"] * q @ k.mT
+    if causal:
+        s = s.masked_fill(~torch.ones(24, 24, dtype=torch.bool).tril(), 0.0)
+    a = torch.tanh(s)
+    o = a @ v
+    ref = (o, a) if weights else (o,)
+    cot = (x["g_o"], x["g_a"]) if weights else (x["g_o"],)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), tuple(c.double() for c in cot))
+    for got, want in zip((*outputs, *grads), (*ref, *ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), rtol=1e-4, atol=1e-4)

@@ -1,10 +1,13 @@
 """Helpers shared by the registered ops (``ops.py``, ``kernels/blockwise.py``).
 
-- :func:`to_batched`: the vmap rules' input alignment.
+- :func:`forward_vmap_rule`, :func:`backward_vmap_rule` (built on :func:`to_batched`): the
+  vmap rules of a forward op and of its backward op.
+- :func:`register_autocast`: the autocast dtypes of a forward op.
 - :func:`forward_extras`: the optional forward arguments, defaults filled in.
 - :func:`placeholders`: a backward op's outputs where a gradient is absent.
-- :func:`install_autograd_kernel`, :func:`tangents`, :func:`under_functorch_grad`: an op's
-  Autograd kernel that serves every autograd context, not only plain reverse mode.
+- :func:`forward_autograd_kernel`, :func:`backward_autograd_kernel` (installed with
+  :func:`install_autograd_kernel`): an op's Autograd kernel that serves every autograd
+  context, not only plain reverse mode.
 
 torch.library.custom_op's generated Autograd kernel builds a graph only for inputs that
 require grad. On torch 2.13 that drops forward-AD tangents silently (zero tangents under
@@ -25,13 +28,21 @@ from torch import Tensor
 from torch._library.autograd import make_autograd_impl
 
 __all__ = [
+    "backward_autograd_kernel",
+    "backward_vmap_rule",
+    "forward_autograd_kernel",
     "forward_extras",
+    "forward_vmap_rule",
     "install_autograd_kernel",
     "placeholders",
+    "register_autocast",
     "tangents",
     "to_batched",
     "under_functorch_grad",
 ]
+
+# A kernel given the ``generated`` Autograd kernel, the dispatch keyset and the op's arguments.
+AutogradKernel = Callable[..., Any]
 
 
 def to_batched(
@@ -109,3 +120,104 @@ def placeholders(
         for g, x, need in zip(grads, inputs, needs, strict=True)
     )
     return g_q, g_k, g_v
+
+
+# --------------------------------------------------------------------------------------------
+# vmap rules and autocast
+# --------------------------------------------------------------------------------------------
+
+
+def forward_vmap_rule(op: Any, out_dims: Any) -> Callable[..., Any]:
+    """The vmap rule of a forward op ``op(q, k, v, attn_mask=None, scale=1.0, causal=False)``
+    whose outputs all carry the batch first (``out_dims``: 0, or a tuple of zeros)."""
+
+    def rule(
+        info: Any, in_dims: Sequence[int | None], q: Tensor, k: Tensor, v: Tensor, *rest: Any
+    ) -> Any:
+        attn_mask, scale, causal = forward_extras(rest)
+        dims = (*in_dims, None)[:4]  # in_dims covers only the arguments actually passed
+        q_, k_, v_, m_ = to_batched(info.batch_size, (q, k, v, attn_mask), dims)
+        return op(q_, k_, v_, m_, scale, causal), out_dims
+
+    return rule
+
+
+def backward_vmap_rule(op: Any, leading: int) -> Callable[..., Any]:
+    """The vmap rule of a backward op ``op(*grads, q, k, v, *saved, attn_mask, scale, causal,
+    needs) -> (g_q, g_k, g_v)``, with ``leading`` output gradients before q and its tensor
+    arguments ending with ``attn_mask``."""
+
+    def rule(info: Any, in_dims: Sequence[int | None], *args: Any) -> Any:
+        *tensors, scale, causal, needs = args
+        size = info.batch_size
+        grads = op(*to_batched(size, tensors, in_dims[: len(tensors)]), scale, causal, needs)
+        inputs = tensors[leading : leading + 3]
+        # Each gradient comes back shaped like its padded input: drop the padding.
+        # Placeholders (gradients not asked for) are not batched.
+        out = tuple(
+            g.reshape(size, *(x.shape if bd is None else x.movedim(bd, 0).shape[1:])) if need else g
+            for g, x, bd, need in zip(
+                grads, inputs, in_dims[leading : leading + 3], needs, strict=True
+            )
+        )
+        return out, tuple(0 if need else None for need in needs)
+
+    return rule
+
+
+def register_autocast(op: Any) -> None:
+    """Under autocast ``op`` runs in the autocast dtype, like the matmuls of the composite."""
+    op.register_autocast("cpu", torch.bfloat16)
+    if torch.amp.is_autocast_available("cuda"):
+        op.register_autocast("cuda", torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd kernels
+# --------------------------------------------------------------------------------------------
+
+
+def forward_autograd_kernel(
+    formulas_op: Callable[..., Any],
+    with_tangents: Callable[..., Any],
+    dual_outputs: Callable[..., Any],
+) -> AutogradKernel:
+    """The Autograd kernel of a forward op ``op(q, k, v, attn_mask=None, scale=1.0, causal=False)``.
+
+    Args:
+        formulas_op: the op as plain differentiable torch code, same arguments (functorch's
+            reverse mode differentiates its aten ops).
+        with_tangents: the op as an autograd function whose backward carries tangents, same
+            arguments (forward-over-reverse: inputs that require grad and carry tangents).
+        dual_outputs: ``(outputs, primals, tangents, attn_mask, scale, causal)`` -> the
+            outputs made dual with their tangents (plain forward AD).
+    """
+
+    def kernel(generated: AutogradKernel, keyset: Any, *args: Any) -> Any:
+        q, k, v = args[:3]
+        attn_mask, scale, causal = forward_extras(args[3:])
+        if under_functorch_grad():
+            return formulas_op(q, k, v, attn_mask, scale, causal)
+        tangent = tangents((q, k, v))
+        if tangent is None:
+            return generated(keyset, *args)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return with_tangents(q, k, v, attn_mask, scale, causal)
+        primals = [fwAD.unpack_dual(t).primal for t in (q, k, v)]
+        outputs = generated(keyset, *primals, *args[3:])
+        return dual_outputs(outputs, primals, tangent, attn_mask, scale, causal)
+
+    return kernel
+
+
+def backward_autograd_kernel(formulas_op: Callable[..., Any], tensors: int) -> AutogradKernel:
+    """The Autograd kernel of a backward op whose first ``tensors`` arguments are tensors:
+    forward AD over it (forward-over-reverse, jvp of grad) and functorch's reverse mode get
+    ``formulas_op`` (same arguments), plain torch code they see through."""
+
+    def kernel(generated: AutogradKernel, keyset: Any, *args: Any) -> Any:
+        if under_functorch_grad() or tangents(args[:tensors]) is not None:
+            return formulas_op(*args)
+        return generated(keyset, *args)
+
+    return kernel

@@ -20,7 +20,7 @@ right tangents (``formulas.jvp``), forward-over-reverse goes through ``AttnFunct
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,12 +30,13 @@ from torch import Tensor
 from . import formulas
 from ._checks import validate_attn_inputs
 from ._registration import (
-    forward_extras,
+    backward_autograd_kernel,
+    backward_vmap_rule,
+    forward_autograd_kernel,
+    forward_vmap_rule,
     install_autograd_kernel,
     placeholders,
-    tangents,
-    to_batched,
-    under_functorch_grad,
+    register_autocast,
 )
 from .function import AttnFunction
 from .kernels import blockwise
@@ -237,88 +238,29 @@ attn_backward.register_autograd(_backward_backward_rule, setup_context=_backward
 
 
 # --------------------------------------------------------------------------------------------
-# vmap rules (_registration.to_batched aligns the inputs; the ops broadcast the batch)
+# vmap rules, autocast, and Autograd kernels for every autograd context (see _registration)
 # --------------------------------------------------------------------------------------------
 
 
-def _attn_vmap(
-    info: Any, in_dims: Sequence[int | None], q: Tensor, k: Tensor, v: Tensor, *rest: Any
-) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
-    attn_mask, scale, causal = forward_extras(rest)
-    dims = (*in_dims, None)[:4]  # in_dims covers only the arguments actually passed
-    q_, k_, v_, m_ = to_batched(info.batch_size, (q, k, v, attn_mask), dims)
-    assert q_ is not None and k_ is not None and v_ is not None
-    return attn(q_, k_, v_, m_, scale, causal), (0, 0)
-
-
-def _attn_backward_vmap(
-    info: Any,
-    in_dims: Sequence[int | None],
-    grad_o: Tensor | None,
-    grad_a: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
+def _attn_dual_outputs(
+    outputs: tuple[Tensor, Tensor],
+    primals: Sequence[Tensor],
+    tangent: Sequence[Tensor | None],
     attn_mask: Tensor | None,
     scale: float,
     causal: bool,
-    needs: Sequence[bool],
-) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
-    size = info.batch_size
-    batched = to_batched(size, (grad_o, grad_a, q, k, v, a, attn_mask), in_dims[:7])
-    grads = attn_backward(*batched, scale, causal, needs)  # type: ignore[arg-type]
-    # Each gradient comes back shaped like its padded input: drop the padding. Placeholders
-    # are not batched.
-    out = tuple(
-        g.reshape(size, *(x.shape if bd is None else x.movedim(bd, 0).shape[1:])) if need else g
-        for g, x, bd, need in zip(grads, (q, k, v), in_dims[2:5], needs, strict=True)
-    )
-    return out, tuple(0 if need else None for need in needs)
-
-
-attn.register_vmap(_attn_vmap)
-attn_backward.register_vmap(_attn_backward_vmap)
-
-# Under autocast the op runs in the autocast dtype, like the matmuls of the composite.
-attn.register_autocast("cpu", torch.bfloat16)
-if torch.amp.is_autocast_available("cuda"):
-    attn.register_autocast("cuda", torch.float16)
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd kernels: every autograd context, not only plain reverse mode (see _registration)
-# --------------------------------------------------------------------------------------------
-
-
-def _attn_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> Any:
-    q, k, v = args[:3]
-    attn_mask, scale, causal = forward_extras(args[3:])
-    if under_functorch_grad():
-        # functorch differentiates the aten ops of the formulas.
-        return _attn_formulas(q, k, v, attn_mask, scale, causal)
-    tangent = tangents((q, k, v))
-    if tangent is None:
-        return generated(keyset, *args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        # Forward-over-reverse: the backward must carry tangents too; AttnFunction's does.
-        return AttnFunction.apply(q, k, v, attn_mask, scale, causal)
-    primals = [fwAD.unpack_dual(t).primal for t in (q, k, v)]
-    o, a = generated(keyset, *primals, *args[3:])
-    t_q, t_k, t_v = tangent
-    q_p, k_p, v_p = primals
-    t_o, t_a = formulas.jvp(t_q, t_k, t_v, q_p, k_p, v_p, a, attn_mask, scale=scale, causal=causal)
+) -> tuple[Tensor, Tensor]:
+    """Forward AD: ``(o, a)`` with the tangents of ``formulas.jvp`` (from the computed ``a``)."""
+    (o, a), (t_q, t_k, t_v), (q, k, v) = outputs, tangent, primals
+    t_o, t_a = formulas.jvp(t_q, t_k, t_v, q, k, v, a, attn_mask, scale=scale, causal=causal)
     assert t_o is not None
     return fwAD.make_dual(o, t_o), fwAD.make_dual(a, t_a)
 
 
-def _attn_backward_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> Any:
-    if under_functorch_grad() or tangents(args[:6]) is not None:
-        # Forward AD over the backward (forward-over-reverse, jvp of grad): the formulas as
-        # plain torch code, which forward AD and functorch see through.
-        return _attn_backward_formulas(*args)
-    return generated(keyset, *args)
-
-
-install_autograd_kernel(attn, _attn_autograd)
-install_autograd_kernel(attn_backward, _attn_backward_autograd)
+attn.register_vmap(forward_vmap_rule(attn, (0, 0)))
+attn_backward.register_vmap(backward_vmap_rule(attn_backward, leading=2))
+register_autocast(attn)
+install_autograd_kernel(
+    attn, forward_autograd_kernel(_attn_formulas, AttnFunction.apply, _attn_dual_outputs)
+)
+install_autograd_kernel(attn_backward, backward_autograd_kernel(_attn_backward_formulas, 7))

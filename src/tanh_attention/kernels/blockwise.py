@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,12 +37,13 @@ from torch import Tensor
 from .. import formulas
 from .._checks import batch_shape, validate_attn_inputs
 from .._registration import (
-    forward_extras,
+    backward_autograd_kernel,
+    backward_vmap_rule,
+    forward_autograd_kernel,
+    forward_vmap_rule,
     install_autograd_kernel,
     placeholders,
-    tangents,
-    to_batched,
-    under_functorch_grad,
+    register_autocast,
 )
 from ..function import AttnFunction
 from ..reference import NAMESPACE
@@ -536,93 +537,44 @@ attn_lean_backward.register_autograd(
 
 
 # --------------------------------------------------------------------------------------------
-# vmap rules, autocast
+# vmap rules, autocast, and Autograd kernels for every autograd context (see _registration)
 # --------------------------------------------------------------------------------------------
 
 
-def _attn_lean_vmap(
-    info: Any, in_dims: Sequence[int | None], q: Tensor, k: Tensor, v: Tensor, *rest: Any
-) -> tuple[Tensor, int]:
-    attn_mask, scale, causal = forward_extras(rest)
-    dims = (*in_dims, None)[:4]  # in_dims covers only the arguments actually passed
-    q_, k_, v_, m_ = to_batched(info.batch_size, (q, k, v, attn_mask), dims)
-    assert q_ is not None and k_ is not None and v_ is not None
-    return attn_lean(q_, k_, v_, m_, scale, causal), 0
+def _attn_lean_with_tangents(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, causal: bool
+) -> Tensor:
+    """Forward-over-reverse: the backward must carry tangents too; AttnFunction's does."""
+    return AttnFunction.apply(q, k, v, attn_mask, scale, causal)[0]
 
 
-def _attn_lean_backward_vmap(
-    info: Any,
-    in_dims: Sequence[int | None],
-    grad_o: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+def _attn_lean_dual_output(
+    o: Tensor,
+    primals: Sequence[Tensor],
+    tangent: Sequence[Tensor | None],
     attn_mask: Tensor | None,
     scale: float,
     causal: bool,
-    needs: Sequence[bool],
-) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
-    size = info.batch_size
-    g_o_, q_, k_, v_, m_ = to_batched(size, (grad_o, q, k, v, attn_mask), in_dims[:5])
-    assert g_o_ is not None and q_ is not None and k_ is not None and v_ is not None
-    grads = attn_lean_backward(g_o_, q_, k_, v_, m_, scale, causal, needs)
-    # Each gradient comes back shaped like its padded input: drop the padding. Placeholders
-    # are not batched.
-    out = tuple(
-        g.reshape(size, *(x.shape if bd is None else x.movedim(bd, 0).shape[1:])) if need else g
-        for g, x, bd, need in zip(grads, (q, k, v), in_dims[1:4], needs, strict=True)
-    )
-    return out, tuple(0 if need else None for need in needs)
-
-
-attn_lean.register_vmap(_attn_lean_vmap)
-attn_lean_backward.register_vmap(_attn_lean_backward_vmap)
-
-# Under autocast the op runs in the autocast dtype, like the matmuls of the composite.
-attn_lean.register_autocast("cpu", torch.bfloat16)
-if torch.amp.is_autocast_available("cuda"):
-    attn_lean.register_autocast("cuda", torch.float16)
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd kernels: every autograd context, not only plain reverse mode (see _registration)
-# --------------------------------------------------------------------------------------------
-
-
-def _attn_lean_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> Any:
-    q, k, v = args[:3]
-    attn_mask, scale, causal = forward_extras(args[3:])
-    if under_functorch_grad():
-        # functorch differentiates the aten ops of the formulas.
-        return _attn_lean_formulas(q, k, v, attn_mask, scale, causal)
-    tangent = tangents((q, k, v))
-    if tangent is None:
-        return generated(keyset, *args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        # Forward-over-reverse: the backward must carry tangents too; AttnFunction's does.
-        return AttnFunction.apply(q, k, v, attn_mask, scale, causal)[0]
-    q_p, k_p, v_p = (fwAD.unpack_dual(t).primal for t in (q, k, v))
-    o = generated(keyset, q_p, k_p, v_p, *args[3:])
-    t_q, t_k, t_v = tangent
+) -> Tensor:
+    """Forward AD: ``o`` with its tangent, recomputing the blocks of ``a``."""
+    (t_q, t_k, t_v), (q, k, v) = tangent, primals
     if torch._C._are_functorch_transforms_active():
         # Under torch.func (jacfwd = vmap of jvp) the tensors may be batched, which the
         # in-place block kernels cannot take: the plain formulas can (they build a).
-        a = formulas.forward(q_p, k_p, v_p, attn_mask, scale=scale, causal=causal)[1]
-        t_o = formulas.jvp(t_q, t_k, t_v, q_p, k_p, v_p, a, attn_mask, scale=scale, causal=causal)[
-            0
-        ]
+        a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
+        t_o = formulas.jvp(t_q, t_k, t_v, q, k, v, a, attn_mask, scale=scale, causal=causal)[0]
     else:
-        t_o = jvp(t_q, t_k, t_v, q_p, k_p, v_p, attn_mask, scale, causal)
+        t_o = jvp(t_q, t_k, t_v, q, k, v, attn_mask, scale, causal)
     return fwAD.make_dual(o, t_o)
 
 
-def _attn_lean_backward_autograd(generated: Callable[..., Any], keyset: Any, *args: Any) -> Any:
-    if under_functorch_grad() or tangents(args[:5]) is not None:
-        # Forward AD over the backward (forward-over-reverse, jvp of grad): the formulas as
-        # plain torch code, which forward AD and functorch see through.
-        return _attn_lean_backward_formulas(*args)
-    return generated(keyset, *args)
-
-
-install_autograd_kernel(attn_lean, _attn_lean_autograd)
-install_autograd_kernel(attn_lean_backward, _attn_lean_backward_autograd)
+attn_lean.register_vmap(forward_vmap_rule(attn_lean, 0))
+attn_lean_backward.register_vmap(backward_vmap_rule(attn_lean_backward, leading=1))
+register_autocast(attn_lean)
+install_autograd_kernel(
+    attn_lean,
+    forward_autograd_kernel(_attn_lean_formulas, _attn_lean_with_tangents, _attn_lean_dual_output),
+)
+install_autograd_kernel(
+    attn_lean_backward, backward_autograd_kernel(_attn_lean_backward_formulas, 5)
+)
