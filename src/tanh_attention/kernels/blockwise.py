@@ -252,11 +252,16 @@ def backward(
     if not (need_q or need_k or need_v):
         return None, None, None
     p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
+    # Recomputing, each block is made transposed (tanh(scale * k_J @ q_I^T), cols x rows), so
+    # that only g_q's product reads a block transposed (formulas.vjp_block_); with a saved a,
+    # transposing its blocks would cost more than it saves. g_k and g_v accumulate products
+    # with a transposed block in the untransposed orientation: kept column-major, torch
+    # computes G^T @ x as (x^T @ G)^T, which runs ~25% faster here. (g_q stays row-major
+    # either way: column-major it came out less accurate in float32.)
+    transposed = a is None
     g_q = p.zeros(p.n, p.d) if need_q else None
-    # g_k and g_v accumulate products with a transposed block (G^T @ q, a^T @ g_o). Kept
-    # column-major, torch computes them as (q^T @ G)^T, which runs ~25% faster here.
-    g_k = p.zeros(p.d, p.m).mT if need_k else None
-    g_v = p.zeros(p.e, p.m).mT if need_v else None
+    g_k = (p.zeros(p.m, p.d) if transposed else p.zeros(p.d, p.m).mT) if need_k else None
+    g_v = (p.zeros(p.m, p.e) if transposed else p.zeros(p.e, p.m).mT) if need_v else None
     if not p.trivial:
         q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
         assert q3 is not None and k3 is not None and v3 is not None
@@ -266,8 +271,10 @@ def backward(
         for t in p.tiles():
             mask = p.mask_block(t)
             if a3 is None:
-                a_block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale)
-                formulas.keep_block_(a_block, causal_diagonal=t.causal_diagonal, attn_mask=mask)
+                a_block = scores_tanh(k3[t.batch, t.cols], q3[t.batch, t.rows], scale)
+                formulas.keep_block_(
+                    a_block, causal_diagonal=t.causal_diagonal, attn_mask=mask, transposed=True
+                )
             else:
                 a_block = a3[t.batch, t.rows, t.cols].to(p.compute)
             formulas.vjp_block_(
@@ -284,6 +291,7 @@ def backward(
                 causal_diagonal=t.causal_diagonal,
                 attn_mask=mask,
                 matmul_t=matmul_t,
+                transposed=transposed,
             )
     return (
         None if g_q is None else p.unflat(g_q, q),
