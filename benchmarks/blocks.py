@@ -5,7 +5,7 @@
 Times (median of 5 after a warm-up) the o-only forward and forward+backward, the (o, a)
 forward+backward and the causal o-only forward+backward for each (rows, cols) block shape,
 by calling ``kernels.blockwise`` with explicit block sizes. The defaults
-(``BLOCK_ROWS`` x ``BLOCK_COLS``; square blocks when causal) were chosen from this table.
+(``BLOCK_ROWS`` x ``BLOCK_COLS``, causal too) were chosen from this table.
 """
 
 from __future__ import annotations

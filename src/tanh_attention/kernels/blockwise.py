@@ -13,11 +13,11 @@ products ``x @ y^T (+ c)`` from ``kernels.cpu.matmul_t``.
   of ``a`` from q and k.
 - :func:`jvp`: ``t_o`` from recomputed blocks.
 
-With ``causal``, blocks wholly above the diagonal are skipped, so causal attention costs
-about half. Batch dimensions broadcast: inputs are flattened to ``(B, rows, features)``
-(copying only inputs that were broadcast, never anything of size ``n x m``), and
-gradients are summed back to each input's shape. bfloat16 and float16 inputs are computed
-in float32 and rounded once at the end.
+With ``causal``, each row block stops at its last row's diagonal: blocks wholly above the
+diagonal are never visited, so causal attention costs about half. Batch dimensions
+broadcast: inputs are flattened to ``(B, rows, features)`` (copying only inputs that were
+broadcast, never anything of size ``n x m``), and gradients are summed back to each input's
+shape. bfloat16 and float16 inputs are computed in float32 and rounded once at the end.
 
 The registered ops (``torch.ops.tanh_attention.attn_lean`` and its backward op) follow, with
 fake kernels, autograd, vmap rules, autocast and forward AD.
@@ -104,8 +104,9 @@ class _Problem:
         self.causal = causal
         self.mask = None if attn_mask is None else attn_mask.expand(*self.batch, self.n, self.m)
         self.rows = max(1, min(self.n, block_rows or BLOCK_ROWS))
-        # Causal: square blocks, so that the skipped ones cover nearly half of n x m.
-        self.cols = max(1, min(self.m, block_cols or (self.rows if causal else BLOCK_COLS)))
+        # Causal: each row block stops at its last row's diagonal (causal_end), so the work
+        # is about (n + rows) / 2n of n x m whatever the block width.
+        self.cols = max(1, min(self.m, block_cols or BLOCK_COLS))
         entries = self.n * self.m
         whole = self.rows == self.n and self.cols == self.m
         self.group = (
@@ -130,16 +131,16 @@ class _Problem:
             batch = slice(b0, min(self.size, b0 + self.group))
             for i0 in range(0, self.n, self.rows):
                 i1 = min(self.n, i0 + self.rows)
-                for j0 in range(0, self.causal_end(i1), self.cols):
-                    j1 = min(self.m, j0 + self.cols)
+                end = self.causal_end(i1)
+                for j0 in range(0, end, self.cols):
+                    j1 = min(end, j0 + self.cols)
                     crosses = self.causal and j1 - 1 > i0
                     yield _Tile(batch, slice(i0, i1), slice(j0, j1), i0 - j0 if crosses else None)
 
     def causal_end(self, i1: int) -> int:
-        """The first column no row below ``i1`` keeps, rounded up to a block (m if not causal)."""
-        if not self.causal:
-            return self.m
-        return min(self.m, -(-i1 // self.cols) * self.cols)
+        """The first column that no row above ``i1`` keeps (m if not causal): the row blocks
+        end where the causal boundary does, not at a whole column block."""
+        return min(self.m, i1) if self.causal else self.m
 
     def mask_block(self, tile: _Tile) -> Tensor | None:
         """The attn_mask block of ``tile`` as ``(G, rows, cols)`` (a view unless G > 1)."""
