@@ -16,8 +16,7 @@ backward ``6nm(d+e)``, plus ``2nmd`` for the o-only backward's recompute of the 
 Time is the median of ``--repeats`` runs (at least 5) after a warm-up (three runs, the first
 of which compiles, and more until a second has passed); the torch implementations take
 turns, one run each per round, so that a slow spell of a shared machine hits them alike
-(JAX runs after them). Huge pages are faulted in once before anything is timed (see
-``_prime_huge_pages``).
+(JAX runs after them).
 Peak memory is measured in a fresh process per configuration and implementation: inputs
 are built, one warm-up run is
 made (compiling, if any), the peak is reset (``/proc/self/clear_refs``; without it,
@@ -284,24 +283,6 @@ def _warm_up(fn: Callable[[], Any], seconds: float = 1.0, runs: int = 3) -> None
         fn()
 
 
-def _prime_huge_pages(nbytes: int) -> None:
-    """Fault in, and free, ``nbytes`` of huge pages, once, before anything is timed.
-
-    Why: the with-weights forward asks the kernel for 2 MiB pages for ``a`` (see
-    ``kernels/memory.py``). The first few such allocations of a process on a machine whose
-    memory is fragmented wait while the kernel compacts memory (measured: ~90 ms per 64 MiB,
-    against ~6 ms once huge pages are free, and ~30 ms for plain pages); the benchmark
-    measures the steady state, as it does for compilation. The cold cost is reported in
-    benchmarks/RESULTS.md.
-    """
-    import torch
-
-    from .kernels import memory
-
-    if nbytes > 0:
-        memory.empty((nbytes // 4,), dtype=torch.float32, device=torch.device("cpu")).fill_(0)
-
-
 def _time_ms(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -475,10 +456,6 @@ def run_benchmarks(
         say(f"torch.mm 2048^3 {dtype}")
         rates[dtype] = matmul_rate(dtype, max(repeats, 5))
     threads = torch.get_num_threads()
-    if "ours" in impls:
-        largest = max((c.nm_bytes() for c in configs if c.weights), default=0)
-        say("priming huge pages")
-        _prime_huge_pages(min(largest, max_bytes, 2**30))
     results = []
     for config in configs:
         entry: dict[str, Any] = {

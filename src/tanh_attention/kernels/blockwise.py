@@ -192,7 +192,7 @@ def forward(
     """
     p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
     o = torch.zeros(p.size, p.n, p.e, dtype=p.compute, device=q.device)
-    a = memory.empty((*p.batch, p.n, p.m), dtype=q.dtype, device=q.device) if need_weights else None
+    a = torch.empty(*p.batch, p.n, p.m, dtype=q.dtype, device=q.device) if need_weights else None
     if p.trivial:
         return o.reshape(*p.batch, p.n, p.e).to(p.dtype), None if a is None else a.zero_()
     q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
