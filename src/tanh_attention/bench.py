@@ -696,6 +696,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.set_ylabel(unit)
             ax.grid(True, which="both", alpha=0.3)
         axes[1][col].set_xlabel("n = m (float32, d = e = 64)")
+        if not axes[1][col].lines:
+            axes[1][col].text(
+                0.5, 0.5, "not measured\n(--memory all measures it)",
+                ha="center", va="center", transform=axes[1][col].transAxes,
+            )  # fmt: skip
     axes[0][0].legend()
     fig.suptitle(f"tanh attention on {report['machine'].get('cpu_model', 'CPU')}")
     fig.tight_layout()
