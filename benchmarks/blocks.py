@@ -11,28 +11,15 @@ by calling ``kernels.blockwise`` with explicit block sizes. The defaults
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from tanh_attention.bench import median_ms
 from tanh_attention.kernels import blockwise
 
 SHAPES = [(64, 4096), (128, 1024), (128, 2048), (256, 512), (256, 1024), (256, 2048),
           (512, 512), (512, 1024), (1024, 1024)]  # fmt: skip
-
-
-def _median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < 1.0:  # warm-up: the first runs are slower
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -47,7 +34,7 @@ def main() -> None:
     print(f"threads {args.threads}, n = m = {n}, d = e = {d}, float32; milliseconds")
     print("rows x cols     o fwd    o f+b  (o,a) f+b  causal o f+b")
     for rows, cols in SHAPES:
-        times = [_median_ms(run) for run in _runs(q, k, v, g_o, g_a, rows, cols)]
+        times = [median_ms(run)[0] for run in _runs(q, k, v, g_o, g_a, rows, cols)]
         print(f"{rows:5d} x {cols:<5d}" + "".join(f" {t:9.1f}" for t in times))
 
 

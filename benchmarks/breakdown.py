@@ -12,14 +12,13 @@ oneDNN's fused matmul+tanh (``mkldnn::_linear_pointwise``), the other products
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tanh_attention
+from tanh_attention.bench import matmul_rate, median_ms
 
 
 def _cases(n: int, d: int) -> dict[str, tuple[Callable[[], object], float]]:
@@ -53,24 +52,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(5):
-        torch.mm(a, b)
-    rate = 5 * 2 * 2048**3 / (time.perf_counter() - start)
+    rate = matmul_rate("float32")
     print(f"threads {args.threads}; torch.mm 2048^3: {rate / 1e9:.0f} GFLOP/s")
     for name, (fn, flops) in _cases(args.n, 64).items():
-        start = time.perf_counter()
-        while time.perf_counter() - start < 1.0:
-            fn()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        wall = statistics.median(times)
+        wall, _ = median_ms(fn)
         limit = flops / rate * 1e3
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()

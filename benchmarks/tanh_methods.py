@@ -21,11 +21,11 @@ Candidates:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+
+from tanh_attention.bench import median_ms
 
 Method = Callable[[torch.Tensor], torch.Tensor]
 
@@ -80,16 +80,6 @@ def _candidates() -> dict[str, Method]:
     return methods
 
 
-def _median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _max_ulp(method: Method) -> float:
     bits = torch.arange(0, torch.tensor(10.0).view(torch.int32).item() + 1, 97, dtype=torch.int32)
     x = bits.view(torch.float32)
@@ -121,14 +111,14 @@ def main() -> None:
             return lambda: torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [], "")
         return lambda: method(torch.mm(q, k.T))
 
-    bare = _median_ms(lambda: torch.mm(q, k.T))
-    bare_block = _median_ms(lambda: torch.mm(q_block, k_block.T), repeats=51)
+    bare = median_ms(lambda: torch.mm(q, k.T), 7)[0]
+    bare_block = median_ms(lambda: torch.mm(q_block, k_block.T), 51)[0]
     print(f"threads {args.threads}; q @ k^T, d = 64: {n} x {n} {bare:.1f} ms (fresh output), ")
     print(f"256 x 1024 block {bare_block * 1e3:.0f} us")
     print(f"{'method':16s} {'n x n ms':>9s} {'block ns/elem':>14s} {'max error (ulp)':>16s}")
     for name, method in _candidates().items():
-        total = _median_ms(scores_then(method, q, k))
-        block = _median_ms(scores_then(method, q_block, k_block), repeats=51)
+        total = median_ms(scores_then(method, q, k), 7)[0]
+        block = median_ms(scores_then(method, q_block, k_block), 51)[0]
         per_elem = (block - bare_block) * 1e6 / (256 * 1024)
         print(f"{name:16s} {total:9.1f} {per_elem:14.2f} {_max_ulp(method):16.3g}")
 

@@ -43,7 +43,16 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IMPLEMENTATIONS", "Config", "add_arguments", "run", "run_benchmarks", "sweep"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "Config",
+    "add_arguments",
+    "matmul_rate",
+    "median_ms",
+    "run",
+    "run_benchmarks",
+    "sweep",
+]
 
 IMPLEMENTATIONS = ("ours", "composite", "compile", "jax")
 BASELINES = ("composite", "compile", "jax", "limit")
@@ -289,7 +298,10 @@ def _time_ms(fn: Callable[[], Any]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+def median_ms(fn: Callable[[], Any], repeats: int = 5) -> tuple[float, list[float]]:
+    """Milliseconds of ``fn()``: the median of ``repeats`` runs after a warm-up, and the runs.
+
+    The timing used by ``tanh-attention bench`` and the scripts in ``benchmarks/``."""
     _warm_up(fn)
     times = [_time_ms(fn) for _ in range(repeats)]
     return statistics.median(times), times
@@ -300,7 +312,7 @@ def matmul_rate(dtype: str = "float32", repeats: int = 5) -> float:
     import torch
 
     a, b = (torch.randn(2048, 2048).to(getattr(torch, dtype)) for _ in range(2))
-    ms, _ = _median_ms(lambda: torch.mm(a, b), repeats)
+    ms, _ = median_ms(lambda: torch.mm(a, b), repeats)
     return 2 * 2048**3 / (ms / 1e3)
 
 

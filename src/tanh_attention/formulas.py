@@ -280,8 +280,8 @@ def vjp_of_vjp(
 #
 # ``transposed=True`` holds a block as its transpose, (G, cols, rows): the same entries, so
 # the same masks (given as for the untransposed block), but then two of the backward's three
-# products read the block without transposing it, which on the benchmark machine makes the
-# recomputing backward 10-20% faster (see vjp_block_).
+# products read the block without transposing it, which makes the recomputing backward
+# faster (docs/derivation.md section 8 has the measurement).
 # --------------------------------------------------------------------------------------------
 
 

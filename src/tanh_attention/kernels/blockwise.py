@@ -254,15 +254,12 @@ def backward(
         return None, None, None
     p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
     # Recomputing, each block is made transposed (tanh(scale * k_J @ q_I^T), cols x rows), so
-    # that only g_q's product reads a block transposed (formulas.vjp_block_); with a saved a,
-    # transposing its blocks would cost more than it saves. g_k and g_v accumulate products
-    # with a transposed block in the untransposed orientation: kept column-major, torch
-    # computes G^T @ x as (x^T @ G)^T, which runs ~25% faster here. (g_q stays row-major
-    # either way: column-major it came out less accurate in float32.)
+    # that only g_q's product reads a block transposed (formulas.vjp_block_; measured by
+    # benchmarks/orientation.py). With a saved a, transposing its blocks would cost a copy.
     transposed = a is None
     g_q = p.zeros(p.n, p.d) if need_q else None
-    g_k = (p.zeros(p.m, p.d) if transposed else p.zeros(p.d, p.m).mT) if need_k else None
-    g_v = (p.zeros(p.m, p.e) if transposed else p.zeros(p.e, p.m).mT) if need_v else None
+    g_k = p.zeros(p.m, p.d) if need_k else None
+    g_v = p.zeros(p.m, p.e) if need_v else None
     if not p.trivial:
         q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
         assert q3 is not None and k3 is not None and v3 is not None
