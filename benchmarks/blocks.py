@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from tanh_attention.bench import median_ms
 from tanh_attention.kernels import blockwise
+from tanh_attention.tools.bench import median_ms
 
 SHAPES = [(64, 4096), (128, 1024), (128, 2048), (256, 512), (256, 1024), (256, 2048),
           (512, 512), (512, 1024), (1024, 1024)]  # fmt: skip
@@ -52,7 +52,7 @@ def _runs(
     def lean_forward() -> object:
         return blockwise.forward(q, k, v, need_weights=False, **size)
 
-    def lean_both(causal: bool = False) -> object:
+    def lean_both(causal: str = "none") -> object:
         blockwise.forward(q, k, v, None, 1.0, causal, need_weights=False, **size)
         return blockwise.backward(g_o, None, q, k, v, None, None, 1.0, causal, **size)
 
@@ -60,7 +60,7 @@ def _runs(
         _, a = blockwise.forward(q, k, v, **size)
         return blockwise.backward(g_o, g_a, q, k, v, a, **size)
 
-    return [lean_forward, lean_both, weights_both, lambda: lean_both(causal=True)]
+    return [lean_forward, lean_both, weights_both, lambda: lean_both(causal="top_left")]
 
 
 if __name__ == "__main__":

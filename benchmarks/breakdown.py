@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tanh_attention
-from tanh_attention.bench import matmul_rate, median_ms
+from tanh_attention.tools.bench import matmul_rate, median_ms
 
 
 def _cases(n: int, d: int) -> dict[str, tuple[Callable[[], object], float]]:

@@ -58,7 +58,7 @@ def main() -> None:
                 empty().fill_(1.0)
                 times[name].append((time.perf_counter() - start) * 1e3)
                 if interleaved:
-                    torch.ops.tanh_attention.attn_composite(q, k, v, None, 0.125, False)
+                    torch.ops.tanh_attention.attn_composite(q, k, v, None, 0.125, "none")
         label = "composite in between" if interleaved else "alone"
         for name, samples in times.items():
             runs = " ".join(f"{t:.0f}" for t in samples)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/orientation.py [--n 4096] [--repeats 7]
 
 The backward visits the blocks of ``a`` one at a time, recomputing each from q and k, and
-accumulates ``g_q``, ``g_k``, ``g_v`` with ``formulas.vjp_block_`` (float32, d = e = 64,
+accumulates ``g_q``, ``g_k``, ``g_v`` with ``kernels.blocks.vjp_block_`` (float32, d = e = 64,
 ``kernels.blockwise``'s block size). Three ways, taking turns each round:
 
 - ``rows x cols, g_k/g_v row-major``: the block as ``tanh(q_I k_J^T)``, every accumulator
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from tanh_attention import formulas
+from tanh_attention.kernels.blocks import vjp_block_
 from tanh_attention.kernels.blockwise import BLOCK_COLS, BLOCK_ROWS
 from tanh_attention.kernels.cpu import matmul_t, scores_tanh
 
@@ -50,7 +50,7 @@ def _backward(
                     a = scores_tanh(k[:, cols], q[:, rows], scale)
                 else:
                     a = scores_tanh(q[:, rows], k[:, cols], scale)
-                formulas.vjp_block_(
+                vjp_block_(
                     g_q[:, rows], g_k[:, cols], g_v[:, cols], g_o[:, rows], None,
                     q[:, rows], k[:, cols], v[:, cols], a,
                     scale=scale, matmul_t=matmul_t, transposed=transposed,

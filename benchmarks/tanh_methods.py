@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from tanh_attention.bench import median_ms
+from tanh_attention.tools.bench import median_ms
 
 Method = Callable[[torch.Tensor], torch.Tensor]
 

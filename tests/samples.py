@@ -1,9 +1,10 @@
 """The OpInfo-style sample inputs, independent reference and implementation registry.
 
-Every implementation of tanh attention (stages 2-4 and the public function, plus any later
-kernel) is listed in ``IMPLEMENTATIONS`` and runs through the same samples and checks in
-``test_opinfo.py``. The reference here is written directly from the definition, in float64,
-and shares no code with the package.
+Every implementation of tanh attention (stages 2-4, the public function through the
+dispatcher, and each backend forced by name, with and without weights) is listed in
+``IMPLEMENTATIONS`` and runs through the same samples and checks in ``test_opinfo.py``. The
+reference here is written directly from the definition, in float64, and shares no code with
+the package.
 """
 
 from __future__ import annotations
@@ -21,22 +22,29 @@ from tanh_attention import AttnFunction
 F64 = torch.float64
 
 
+def keep_mask(n: int, m: int, causal: bool | str, device: Any = "cpu") -> Tensor:
+    """The (n, m) keep-mask of a causal variant, from its definition."""
+    rows = torch.arange(n, device=device).unsqueeze(-1)
+    cols = torch.arange(m, device=device)
+    if causal in (True, "top_left"):
+        return cols <= rows
+    if causal == "bottom_right":
+        return cols <= rows + (m - n)
+    assert causal in (False, "none"), causal
+    return torch.ones(n, m, dtype=torch.bool, device=device)
+
+
 def reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     attn_mask: Tensor | None = None,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: bool | str = "none",
 ) -> tuple[Tensor, Tensor]:
-    """tanh attention from its definition: where(keep, tanh(scale q k^T), 0) @ v."""
-    x = scale * torch.matmul(q, k.transpose(-1, -2))
-    n, m = x.shape[-2], x.shape[-1]
-    keep = torch.ones(n, m, dtype=torch.bool, device=q.device)
-    if causal:
-        rows = torch.arange(n, device=q.device).unsqueeze(-1)
-        cols = torch.arange(m, device=q.device)
-        keep = keep & (cols <= rows)
+    """tanh attention from its definition: where(keep, tanh(q k^T * scale), 0) @ v."""
+    x = torch.matmul(q, k.transpose(-1, -2)) * scale
+    keep = keep_mask(x.shape[-2], x.shape[-1], causal, q.device)
     if attn_mask is not None:
         keep = keep & attn_mask
     a = torch.where(keep, torch.tanh(x), torch.zeros((), dtype=x.dtype))
@@ -50,19 +58,26 @@ class Sample:
     ``make(dtype)`` builds fresh leaf tensors ``(q, k, v)``; ``mask()`` the same bool mask
     at every call (it draws from its own seeded generator); ``view``, if set,
     turns the leaves into the (non-contiguous) tensors the implementation receives, so
-    gradcheck perturbs plain leaves while the op sees strided views.
+    gradcheck perturbs plain leaves while the op sees strided views. ``large`` samples cross
+    the kernels' default block boundaries (512 rows, 1024 columns); gradcheck runs them in
+    fast mode.
     """
 
     name: str
     make: Callable[[torch.dtype], tuple[Tensor, Tensor, Tensor]]
     mask: Callable[[], Tensor] | None = None
     scale: float = 1.0
-    causal: bool = False
+    causal: str = "none"
     self_attention: bool = False  # q, k and v are one tensor
     view: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+    large: bool = False
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None or self.causal != "none"
 
 
 def _shapes(
@@ -106,17 +121,45 @@ SAMPLES: list[Sample] = [
     Sample("d_zero", _shapes((2, 0), (3, 0), (3, 2))),
     Sample("batched_heads_shared_kv", _shapes((2, 3, 4, 5), (2, 1, 6, 5), (2, 1, 6, 3))),
     Sample("batch_broadcast_ranks", _shapes((3, 4, 2), (2, 1, 5, 2), (5, 3)), scale=0.5),
+    # v (and below, the mask) with batch dims that q and k lack: a has q's and k's batch.
+    Sample("v_batch_only", _shapes((5, 4), (6, 4), (3, 6, 2))),
+    Sample("v_batch_only_causal", _shapes((2, 1, 4, 3), (4, 3), (2, 3, 4, 2)), causal="top_left"),
+    Sample("mask_batch_only", _shapes((3, 2), (4, 2), (4, 3)), _random_mask(2, 3, 4)),
     Sample(
         "noncontiguous", _shapes((2, 5, 3), (8, 5), (4, 1)), scale=0.9, view=_noncontiguous_view
     ),
     Sample("self_attention", _shapes((2, 4, 3), (1, 1), (1, 1)), scale=0.8, self_attention=True),
-    Sample("causal_n_lt_m", _shapes((3, 4), (5, 4), (5, 2)), causal=True),
-    Sample("causal_n_eq_m", _shapes((2, 4, 3), (2, 4, 3), (2, 4, 2)), causal=True, scale=0.6),
-    Sample("causal_n_gt_m", _shapes((5, 3), (3, 3), (3, 4)), causal=True),
+    Sample("causal_n_lt_m", _shapes((3, 4), (5, 4), (5, 2)), causal="top_left"),
+    Sample("causal_n_eq_m", _shapes((2, 4, 3), (2, 4, 3), (2, 4, 2)), causal="top_left", scale=0.6),
+    Sample("causal_n_gt_m", _shapes((5, 3), (3, 3), (3, 4)), causal="top_left"),
+    Sample("bottom_right_n_lt_m", _shapes((2, 3, 4), (2, 6, 4), (2, 6, 2)), causal="bottom_right"),
+    Sample("bottom_right_n_gt_m", _shapes((5, 3), (3, 3), (3, 4)), causal="bottom_right"),
+    Sample("bottom_right_decode", _shapes((2, 1, 3), (2, 7, 3), (2, 7, 2)), causal="bottom_right"),
     Sample("mask", _shapes((3, 4), (5, 4), (5, 2)), _random_mask(3, 5)),
     Sample("mask_key_padding", _shapes((2, 3, 4), (2, 5, 4), (2, 5, 3)), _random_mask(2, 1, 5)),
-    Sample("mask_and_causal", _shapes((4, 3), (4, 3), (4, 2)), _random_mask(4, 4), causal=True),
+    Sample(
+        "mask_and_causal", _shapes((4, 3), (4, 3), (4, 2)), _random_mask(4, 4), causal="top_left"
+    ),
+    Sample(
+        "mask_and_bottom_right",
+        _shapes((3, 2), (5, 2), (5, 3)),
+        _random_mask(3, 5, p=0.8),
+        causal="bottom_right",
+    ),
     Sample("mask_full_row", _shapes((3, 2), (4, 2), (4, 3)), _row_masked(3, 4)),
+    # Across the default blocks (512 x 1024) through the public path: small d keeps them fast.
+    Sample("large_causal", _shapes((2, 600, 2), (600, 2), (600, 3)), causal="top_left", large=True),
+    Sample(
+        "large_bottom_right_mask",
+        _shapes((520, 2), (1100, 2), (1100, 2)),
+        _random_mask(520, 1100, p=0.9),
+        causal="bottom_right",
+        scale=0.7,
+        large=True,
+    ),
+    Sample(
+        "large_mask", _shapes((530, 3), (1040, 3), (1040, 2)), _random_mask(1, 1040), large=True
+    ),
 ]
 
 SAMPLE_IDS = [s.name for s in SAMPLES]
@@ -129,58 +172,73 @@ def build(sample: Sample, dtype: torch.dtype = F64, requires_grad: bool = True) 
     return [t.requires_grad_(requires_grad) for t in out]
 
 
-def as_fn(impl: Callable[..., Any], sample: Sample) -> Callable[..., Any]:
+class Bound:
     """``f(*leaves) -> impl(q, k, v, mask, scale, causal)``, with the sample's mask and views.
 
-    Every wrapped implementation sees the same mask.
+    ``mask`` is the very tensor every call passes (so a test can check it is unchanged).
     """
-    mask = None if sample.mask is None else sample.mask()
 
-    def f(*xs: Tensor) -> Any:
-        q, k, v = (xs[0],) * 3 if sample.self_attention else xs
-        if sample.view is not None:
-            q, k, v = sample.view(q, k, v)
-        return impl(q, k, v, mask, sample.scale, sample.causal)
+    def __init__(self, impl: Callable[..., Any], sample: Sample) -> None:
+        self.impl, self.sample = impl, sample
+        self.mask = None if sample.mask is None else sample.mask()
 
-    return f
+    def __call__(self, *xs: Tensor) -> Any:
+        q, k, v = (xs[0],) * 3 if self.sample.self_attention else xs
+        if self.sample.view is not None:
+            q, k, v = self.sample.view(q, k, v)
+        return self.impl(q, k, v, self.mask, self.sample.scale, self.sample.causal)
+
+
+def as_fn(impl: Callable[..., Any], sample: Sample) -> Bound:
+    return Bound(impl, sample)
 
 
 # --------------------------------------------------------------------------------------------
-# Implementations: each is f(q, k, v, attn_mask, scale, causal) -> (o, a)
+# Implementations: each is f(q, k, v, attn_mask, scale, causal) -> (o, a), or (o, None) for
+# those without weights
 # --------------------------------------------------------------------------------------------
 
-Impl = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float, bool], tuple[Tensor, Tensor]]
-
-
-def _public(q: Tensor, k: Tensor, v: Tensor, m: Tensor | None, s: float, c: bool) -> Any:
-    return tanh_attention.attn(q, k, v, scale=s, causal=c, attn_mask=m)
-
-
-def _with_oracle_weights(lean: Callable[..., Tensor]) -> Impl:
-    """An o-only implementation as ``(o, a)``: ``o`` from ``lean``, ``a`` from the composite.
-
-    The suite's checks of ``o`` (forward, gradcheck, gradgradcheck, forward AD, dtypes,
-    inputs unchanged) then test the o-only path; its checks of ``a`` test only the oracle.
-    """
-
-    def f(q: Tensor, k: Tensor, v: Tensor, m: Tensor | None, s: float, c: bool) -> Any:
-        return lean(q, k, v, m, s, c), torch.ops.tanh_attention.attn_composite(q, k, v, m, s, c)[1]
-
-    return f
+Impl = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float, str], tuple[Any, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     name: str
     fn: Impl
+    weights: bool = True  # returns a; False: (o, None)
+    blocked: bool = False  # runs block kernels (the large samples cross their blocks)
+
+
+def _public(backend: str | None, need_weights: bool) -> Impl:
+    def f(q: Tensor, k: Tensor, v: Tensor, m: Tensor | None, s: float, c: str) -> Any:
+        o, a = tanh_attention.attn(
+            q, k, v, scale=s, causal=c, attn_mask=m, need_weights=need_weights, backend=backend
+        )
+        assert (a is None) != need_weights
+        return o, a
+
+    return f
+
+
+def _forced() -> list[Implementation]:
+    out = []
+    for b in tanh_attention.backends():
+        if not b.available or "cpu" not in b.device_types:
+            continue
+        blocked = b.name != "composite"
+        out.append(Implementation(f"attn[{b.name}]", _public(b.name, True), True, blocked))
+        out.append(Implementation(f"attn[{b.name}]_o_only", _public(b.name, False), False, blocked))
+    return out
 
 
 IMPLEMENTATIONS: list[Implementation] = [
     Implementation("composite", torch.ops.tanh_attention.attn_composite),
     Implementation("function", AttnFunction.apply),
-    Implementation("op", torch.ops.tanh_attention.attn),
-    Implementation("public", _public),
-    Implementation("lean", _with_oracle_weights(torch.ops.tanh_attention.attn_lean)),
+    Implementation("op", torch.ops.tanh_attention.attn, blocked=True),
+    Implementation("attn", _public(None, True), blocked=True),
+    Implementation("attn_o_only", _public(None, False), False, blocked=True),
+    *_forced(),
 ]
+WEIGHTS = [i for i in IMPLEMENTATIONS if i.weights]
 
 IMPL_IDS = [i.name for i in IMPLEMENTATIONS]

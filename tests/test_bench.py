@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tanh_attention import bench, cli
+from tanh_attention.tools import bench, cli
 
 
 def test_tiny_run_writes_json_markdown_and_table(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tanh_attention import train
-from tanh_attention.models import IGNORE, RecallTask, RecallTransformer, attention_factory
 from tanh_attention.nn import MultiheadTanhAttention
+from tanh_attention.tools import cli, train
+from tanh_attention.tools.models import IGNORE, RecallTask, RecallTransformer, attention_factory
 
 
 @pytest.fixture
@@ -209,16 +209,19 @@ def test_option_types_are_checked_by_the_parser(argv: list[str]) -> None:
         parser.parse_args(argv)
 
 
-def test_cli_wires_the_subcommand(tmp_path: Path) -> None:
-    """``tanh-attention train`` through the real entry point (skipped while a sibling
-    subcommand's module is missing, since the parser imports all of them)."""
-    from tanh_attention import cli
+def test_every_subcommand_module_imports() -> None:
+    """The parser imports every subcommand's module: a missing or broken one is a packaging
+    failure, so it fails here rather than being skipped."""
+    for name, (module, _) in cli._SUBCOMMANDS.items():
+        loaded = importlib.import_module(module)
+        assert callable(loaded.add_arguments) and callable(loaded.run), name
+    assert cli._SUBCOMMANDS["train"][0] == train.__name__ == "tanh_attention.tools.train"
 
-    for module, _ in cli._SUBCOMMANDS.values():
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not there yet")
+
+def test_cli_wires_the_subcommand(tmp_path: Path) -> None:
+    """``tanh-attention train`` through the real entry point."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tanh_attention.cli", "train", *_TINY_ARGS, "--steps", "3",
+        [sys.executable, "-m", "tanh_attention.tools.cli", "train", *_TINY_ARGS, "--steps", "3",
          "--json", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -228,8 +231,8 @@ def test_cli_wires_the_subcommand(tmp_path: Path) -> None:
 
 def test_importing_the_command_is_cheap() -> None:
     code = (
-        "import sys, tanh_attention.train; "
-        "print(sorted(m for m in ('matplotlib', 'rich', 'tanh_attention.models') "
+        "import sys, tanh_attention.tools.train; "
+        "print(sorted(m for m in ('matplotlib', 'rich', 'tanh_attention.tools.models') "
         "if m in sys.modules))"
     )
     out = subprocess.run(

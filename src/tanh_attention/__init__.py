@@ -2,21 +2,23 @@
 
 Public names:
 
-- :func:`attn`: the function to use; picks the implementation (see :func:`implementation`).
+- :func:`attn`: the function to use; runs the first backend that supports the call.
+- :func:`backends`: every backend, in the order the dispatcher tries them; each says what it
+  supports, whether it can run here, and why not (``not_supported_reasons``).
 - :class:`AttnFunction`: stage 2, the ``torch.autograd.Function``.
-- :func:`backends`: every implementation known, and why one cannot run on this machine.
-- ``torch.ops.tanh_attention.attn_composite``: stage 3, the composite op (the oracle).
-- ``torch.ops.tanh_attention.attn`` / ``attn_backward``: stage 4, the explicit ops.
+- ``torch.ops.tanh_attention.attn_composite``: stage 3, the composite op.
+- ``torch.ops.tanh_attention.attn`` / ``attn_backward``: stage 4, the explicit ops;
+  ``attn_lean`` / ``attn_lean_backward``: the memory-efficient pair (o only).
 """
 
-from . import ops as _ops  # registers torch.ops.tanh_attention.{attn, attn_backward}
-from . import reference as _reference  # registers torch.ops.tanh_attention.attn_composite
+from . import composite as _composite  # registers torch.ops.tanh_attention.attn_composite
+from . import ops as _ops  # registers torch.ops.tanh_attention.{attn, attn_lean}{,_backward}
 from ._checks import SUPPORTED_DTYPES
-from .api import attn, implementation
+from .api import attn
+from .backends import Backend, backends
 from .function import AttnFunction
-from .registry import Backend, backends
 
-__all__ = ["SUPPORTED_DTYPES", "AttnFunction", "Backend", "attn", "backends", "implementation"]
+__all__ = ["SUPPORTED_DTYPES", "AttnFunction", "Backend", "attn", "backends"]
 __version__ = "0.1.0"
 
-del _ops, _reference
+del _ops, _composite

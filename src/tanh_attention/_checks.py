@@ -1,20 +1,31 @@
 """Input validation: the one place where bad input becomes an error.
 
-Every entry point (the public function, the registered ops, their fake kernels and the
-autograd.Function) calls :func:`validate_attn_inputs` first, so a bad call fails before any
-work is done and with the same message whichever path it took. The checks read only shapes,
-dtypes and devices, never data, so they also run on fake tensors under ``torch.compile``.
+Every entry point (the public function, the registered ops and their fake kernels, the
+autograd.Function, the layers) calls :func:`validate_attn_inputs` first, so a bad call fails
+before any work is done, with the same message whichever path it took. The checks read only
+shapes, dtypes, layouts and devices, never data, so they also run on fake tensors under
+``torch.compile``. A symbolic scale (``torch.compile(dynamic=True)``) is not checked here: its
+value is unknown while tracing, so the ops check it when they run on real numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+import numbers
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_DTYPES", "batch_shape", "validate_attn_inputs"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "Causal",
+    "Shapes",
+    "normalize_causal",
+    "validate_attn_inputs",
+    "validate_scale",
+]
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
     torch.float64,
@@ -23,11 +34,47 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
     torch.float16,
 )
 
+# The causal variants, as the registered ops take them (the public function also takes bools).
+Causal = Literal["none", "top_left", "bottom_right"]
+CAUSAL_VARIANTS: tuple[str, ...] = ("none", "top_left", "bottom_right")
+
 _DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The sizes of a valid call.
+
+    Attributes:
+        batch: the broadcast batch shape of q, k, v and the mask: ``o`` is ``(*batch, n, e)``.
+        weights_batch: that of q, k and the mask (not v): ``a`` is ``(*weights_batch, n, m)``,
+            exactly what ``tanh(scale * q @ k^T)`` masked gives.
+        n, m, d, e: queries, keys, q/k features, v features.
+    """
+
+    batch: tuple[int, ...]
+    weights_batch: tuple[int, ...]
+    n: int
+    m: int
+    d: int
+    e: int
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
+
+
+def _validate_layout(name: str, t: Tensor) -> None:
+    if t.is_nested:
+        raise TypeError(
+            f"attn(): argument '{name}' is a nested tensor, which attn does not support. "
+            f"Pad it to a regular tensor (and mask the padding with attn_mask) first."
+        )
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"attn(): expected '{name}' to be a dense (strided) tensor, but got "
+            f"{name}.layout={t.layout}. Try {name}.to_dense()."
+        )
 
 
 def _validate_tensor(name: str, t: object) -> Tensor:
@@ -36,6 +83,7 @@ def _validate_tensor(name: str, t: object) -> Tensor:
             f"attn(): argument '{name}' must be a torch.Tensor, but got {type(t).__name__}. "
             f"Try torch.as_tensor({name}, dtype=torch.float32)."
         )
+    _validate_layout(name, t)
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"attn(): expected '{name}' to have a floating dtype in ({_DTYPE_NAMES}), "
@@ -63,6 +111,13 @@ def _validate_same(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def _broadcast(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...] | None:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return None
+
+
 def _validate_sizes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
@@ -74,23 +129,69 @@ def _validate_sizes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
             "attn(): expected k and v to have the same number of keys (dimension -2), but got "
             f"k.shape={_shape(k)} and v.shape={_shape(v)}."
         )
-    try:
-        return batch_shape(q, k, v)
-    except RuntimeError:
+    batch = _broadcast(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    if batch is None:
         raise ValueError(
             "attn(): the batch dimensions of q, k and v (all but the last two) must broadcast "
             f"as in torch.matmul, but got q.shape={_shape(q)}, k.shape={_shape(k)}, "
             f"v.shape={_shape(v)}."
-        ) from None
-
-
-def _validate_scale(scale: object) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(
-            f"attn(): argument 'scale' must be a real number, but got {type(scale).__name__}."
         )
-    if not math.isfinite(scale):
-        raise ValueError(f"attn(): argument 'scale' must be finite, but got scale={scale}.")
+    return batch
+
+
+def validate_scale(scale: object, where: str = "attn()") -> None:
+    """A real, finite number; a symbolic one (``torch.compile(dynamic=True)``) passes here.
+
+    Raises:
+        TypeError: not a real number (a bool, a tensor, a string, ...).
+        ValueError: infinite, NaN, or too large for a float (``10**400``).
+    """
+    symbolic = isinstance(scale, (torch.SymFloat, torch.SymInt))
+    if isinstance(scale, bool) or not (symbolic or isinstance(scale, numbers.Real)):
+        raise TypeError(
+            f"{where}: argument 'scale' must be a real number, but got {type(scale).__name__}."
+        )
+    if symbolic or torch.compiler.is_compiling():
+        # Its value may be unknown while tracing (torch.compile makes float arguments
+        # dynamic); the ops check the real value when they run.
+        return
+    try:
+        value = float(scale)  # type: ignore[arg-type]  # a numbers.Real
+    except OverflowError:
+        raise ValueError(
+            f"{where}: argument 'scale' must be finite, but got an int of {len(str(scale))} "
+            "digits, which overflows a float."
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: argument 'scale' must be finite, but got scale={scale}.")
+
+
+def normalize_causal(causal: object) -> Causal:
+    """``causal`` as one of ``"none"``, ``"top_left"``, ``"bottom_right"``.
+
+    ``False`` is ``"none"`` and ``True`` is ``"top_left"`` (row i keeps keys ``j <= i``, as
+    ``scaled_dot_product_attention(is_causal=True)``); ``"bottom_right"`` aligns the n queries
+    with the last n of the m keys (row i keeps ``j <= i + m - n``), as a decoding step does.
+
+    Raises:
+        TypeError: neither a bool nor a string.
+        ValueError: a string that names no variant.
+    """
+    if causal is False:
+        return "none"
+    if causal is True:
+        return "top_left"
+    if not isinstance(causal, str):
+        raise TypeError(
+            "attn(): argument 'causal' must be a bool, 'top_left' or 'bottom_right', but got "
+            f"{type(causal).__name__} ({causal!r})."
+        )
+    if causal not in CAUSAL_VARIANTS:
+        raise ValueError(
+            "attn(): argument 'causal' must be False, True, 'top_left' or 'bottom_right', but "
+            f"got {causal!r}."
+        )
+    return causal  # type: ignore[return-value]  # one of CAUSAL_VARIANTS
 
 
 def _validate_flag(name: str, value: object) -> None:
@@ -100,14 +201,16 @@ def _validate_flag(name: str, value: object) -> None:
         )
 
 
-def _validate_mask(attn_mask: object, q: Tensor, batch: Sequence[int], m: int) -> None:
+def _validate_mask(attn_mask: object, q: Tensor, batch: tuple[int, ...], m: int) -> tuple[int, ...]:
+    """Check the mask; return its batch shape (its dims before the last two)."""
     if attn_mask is None:
-        return
+        return ()
     if not isinstance(attn_mask, Tensor):
         raise TypeError(
             "attn(): argument 'attn_mask' must be a boolean torch.Tensor or None, but got "
             f"{type(attn_mask).__name__}."
         )
+    _validate_layout("attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool:
         raise TypeError(
             "attn(): expected 'attn_mask' to be a boolean mask (True = takes part), but got "
@@ -120,25 +223,14 @@ def _validate_mask(attn_mask: object, q: Tensor, batch: Sequence[int], m: int) -
             f"attn(): expected 'attn_mask' on {q.device} like q, but got "
             f"attn_mask.device={attn_mask.device}."
         )
-    target = (*batch, q.shape[-2], m)
-    try:
-        broadcast = torch.broadcast_shapes(attn_mask.shape, target)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != torch.Size(target):
+    n = q.shape[-2]
+    full = _broadcast(attn_mask.shape, (*batch, n, m))
+    if full is None or full[-2:] != (n, m):
         raise ValueError(
-            f"attn(): 'attn_mask' must broadcast to the attention shape {target} "
-            f"(..., n, m), but got attn_mask.shape={_shape(attn_mask)}."
+            f"attn(): 'attn_mask' must broadcast with the attention shape {(*batch, n, m)} "
+            f"(..., n, m) to (..., n, m), but got attn_mask.shape={_shape(attn_mask)}."
         )
-
-
-def batch_shape(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
-    """The broadcast batch shape of ``q (..., n, d)``, ``k (..., m, d)`` and ``v (..., m, e)``.
-
-    Raises:
-        RuntimeError: if the batch shapes do not broadcast (callers turn it into ValueError).
-    """
-    return tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    return _shape(attn_mask)[:-2]
 
 
 def validate_attn_inputs(
@@ -150,33 +242,40 @@ def validate_attn_inputs(
     scale: object = 1.0,
     causal: object = False,
     need_weights: object = True,
-) -> tuple[int, ...]:
-    """Check the arguments of any attn entry point; return the broadcast batch shape.
+) -> Shapes:
+    """Check the arguments of any attn entry point; return the call's sizes.
 
     Args:
         q: queries ``(..., n, d)``.
         k: keys ``(..., m, d)``.
         v: values ``(..., m, e)``.
-        attn_mask: None, or a bool mask broadcastable to ``(*batch, n, m)``.
-        scale: a finite real number.
-        causal: bool.
+        attn_mask: None, or a bool mask that broadcasts with ``(*batch, n, m)`` to
+            ``(..., n, m)``; its batch dims join the batch.
+        scale: a finite real number (or a symbolic one while compiling).
+        causal: a bool, ``"none"``, ``"top_left"`` or ``"bottom_right"``.
         need_weights: bool.
 
     Returns:
-        The broadcast batch shape of q, k and v.
+        The call's :class:`Shapes`.
 
     Raises:
-        TypeError: a non-tensor argument, an unsupported or mixed dtype, a non-bool flag.
-        ValueError: rank below 2, mismatched feature or key sizes, batch shapes that do
-            not broadcast, mixed devices, a non-finite scale, a mask of the wrong shape.
+        TypeError: a non-tensor argument, a nested or sparse tensor, an unsupported or mixed
+            dtype, a non-bool flag or mask, a non-number scale.
+        ValueError: rank below 2, mismatched feature or key sizes, batch shapes that do not
+            broadcast, mixed devices, a non-finite scale, a mask of the wrong shape, an unknown
+            causal variant.
     """
     q = _validate_tensor("q", q)
     k = _validate_tensor("k", k)
     v = _validate_tensor("v", v)
     _validate_same(q, k, v)
     batch = _validate_sizes(q, k, v)
-    _validate_scale(scale)
-    _validate_flag("causal", causal)
+    validate_scale(scale)
+    normalize_causal(causal)
     _validate_flag("need_weights", need_weights)
-    _validate_mask(attn_mask, q, batch, k.shape[-2])
-    return batch
+    m = k.shape[-2]
+    mask_batch = _validate_mask(attn_mask, q, batch, m)
+    full = _broadcast(batch, mask_batch)
+    weights_batch = _broadcast(q.shape[:-2], k.shape[:-2], mask_batch)
+    assert full is not None and weights_batch is not None  # checked by _validate_mask
+    return Shapes(full, weights_batch, q.shape[-2], m, q.shape[-1], v.shape[-1])

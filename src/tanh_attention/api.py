@@ -1,51 +1,87 @@
-"""The public function ``tanh_attention.attn``: validates, then picks the implementation.
+"""The public function ``tanh_attention.attn``: validates, then runs the backend that fits.
 
-Two implementations compute the same formulas and differ only in which PyTorch machinery
-they work with (design.md section 4):
-
-- the registered op ``torch.ops.tanh_attention.attn``: eager autograd (any order), vmap,
-  ``torch.compile``, ``torch.export``, autocast; forward AD but not forward-over-reverse, and
-  no ``torch.func`` reverse-mode transforms (``grad``, ``vjp``, ``jacrev``);
-- ``AttnFunction``: every ``torch.func`` transform and all of forward AD, but Dynamo refuses
-  an autograd.Function that defines ``jvp``.
-
-``implementation()`` makes that choice, in one place, from the calling context. Where it picks
-the registered op and ``need_weights=False``, ``attn`` calls the memory-efficient op
-``torch.ops.tanh_attention.attn_lean`` instead (``kernels/blockwise.py``), which returns ``o``
-only and allocates nothing of size ``n x m`` in forward or backward.
+Validation (``_checks.py``) comes first, so bad input fails before any work; the dispatcher
+(``dispatch.py``) then picks the first backend of ``tanh_attention.backends()`` that supports
+the call, or the one named by ``backend=``. Every backend computes the same formulas and
+returns the same shapes as the composite; every one works under autograd (any order),
+forward AD, ``torch.func``, ``torch.compile`` and ``torch.export``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, overload
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from . import ops
-from ._checks import validate_attn_inputs
-from .function import AttnFunction
-from .kernels import blockwise
+from . import dispatch
+from ._checks import normalize_causal, validate_attn_inputs
+from .backends import Inputs
 
-__all__ = ["attn", "implementation"]
+__all__ = ["attn"]
 
-Implementation = Literal["op", "function"]
+CausalArg = bool | Literal["top_left", "bottom_right"]
 
 
-def implementation() -> Implementation:
-    """Which implementation ``attn`` uses when called in the current context.
-
-    Returns:
-        ``"op"`` (the registered op ``torch.ops.tanh_attention.attn``) when compiling,
-        exporting or in plain eager mode; ``"function"`` (``AttnFunction``) inside a
-        ``torch.func`` transform or a ``torch.autograd.forward_ad.dual_level``.
-    """
+def _as_scale(scale: float) -> float:
+    """A Python float for the ops' ``float`` argument; a symbolic scale stays symbolic."""
+    if isinstance(scale, torch.SymFloat):
+        return scale  # type: ignore[return-value]  # a SymFloat is the float of a traced call
+    if isinstance(scale, torch.SymInt):
+        return torch.sym_float(scale)  # type: ignore[return-value]
     if torch.compiler.is_compiling():
-        return "op"
-    if torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0:
-        return "function"
-    return "op"
+        return scale  # float() of a traced scale would specialize it
+    return float(scale)
+
+
+def _validate_backend(backend: object) -> None:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(
+            "attn(): argument 'backend' must be None or a backend name (str), but got "
+            f"{type(backend).__name__}."
+        )
+
+
+@overload
+def attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float = ...,
+    causal: CausalArg = ...,
+    need_weights: Literal[True] = ...,
+    attn_mask: Tensor | None = ...,
+    backend: str | None = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float = ...,
+    causal: CausalArg = ...,
+    need_weights: Literal[False],
+    attn_mask: Tensor | None = ...,
+    backend: str | None = ...,
+) -> tuple[Tensor, None]: ...
+
+
+@overload
+def attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float = ...,
+    causal: CausalArg = ...,
+    need_weights: bool,
+    attn_mask: Tensor | None = ...,
+    backend: str | None = ...,
+) -> tuple[Tensor, Tensor | None]: ...
 
 
 def attn(
@@ -54,40 +90,54 @@ def attn(
     v: Tensor,
     *,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: CausalArg = False,
     need_weights: bool = True,
     attn_mask: Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Tanh attention: ``a = tanh(scale * q @ k^T)`` (masked entries exactly 0), ``o = a @ v``.
+    """Tanh attention: ``a = M * tanh(scale * q @ k^T)`` (masked entries exactly 0), ``o = a @ v``.
 
-    The element-wise attention of PyTorch's Autograd Onboarding Lab, with batching, scale and
-    masks. Gradients (first and higher order), forward AD and every ``torch.func`` transform
-    use the hand-derived formulas of ``docs/derivation.md``.
+    The element-wise attention of PyTorch's Autograd Onboarding Lab, with batching, scale,
+    causal masks and boolean masks. Gradients (first and higher order), forward AD and every
+    ``torch.func`` transform use the hand-derived formulas of ``docs/derivation.md``.
 
     Args:
         q: queries ``(..., n, d)``.
         k: keys ``(..., m, d)``.
-        v: values ``(..., m, e)``. Batch dims of q, k, v broadcast as in ``torch.matmul``;
-            gradients of broadcast inputs are summed back to their shapes.
-        scale: multiplies the scores ``q @ k^T`` (finite).
-        causal: keep only ``j <= i`` (top-left aligned, as ``scaled_dot_product_attention``).
-        need_weights: return ``a``; with False the weights are returned as None and, in
-            eager mode, under ``torch.compile`` and ``torch.export``, never built: the
-            memory-efficient op ``torch.ops.tanh_attention.attn_lean`` computes ``o`` block
-            by block and its backward recomputes each block of ``a``.
-        attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``; True = takes part
-            (the convention of ``scaled_dot_product_attention``). Combined with ``causal``
-            the two intersect. Masked entries of ``a`` are exactly 0 with zero gradient.
+        v: values ``(..., m, e)``. Batch dims of q, k, v (and the mask) broadcast as in
+            ``torch.matmul``; gradients of broadcast inputs are summed back to their shapes.
+        scale: multiplies the scores ``q @ k^T`` (any finite number; the scores are scaled
+            after the product, so a large scale saturates the weights to +-1, never NaN).
+        causal: ``False``; ``True`` or ``"top_left"``: row i keeps keys ``j <= i`` (as
+            ``scaled_dot_product_attention(is_causal=True)``); ``"bottom_right"``: the n
+            queries are the last n of m positions, row i keeps ``j <= i + m - n`` (a decoding
+            step with a KV cache).
+        need_weights: return ``a``; with False the weights are returned as None and, on the
+            backends that say ``memory_efficient``, never built (the backward recomputes each
+            block of ``a``).
+        attn_mask: optional bool mask that broadcasts with ``(*batch, n, m)``; True = takes
+            part (the convention of ``scaled_dot_product_attention``). Combined with
+            ``causal`` the two intersect. Masked entries of ``a`` are exactly 0 with zero
+            gradient.
+        backend: None (the first backend of ``tanh_attention.backends()`` that supports the
+            call) or a backend's name (forced; it must support the call).
 
     Returns:
-        ``(o, a)``: ``o`` of shape ``(*batch, n, e)`` and ``a`` of shape ``(*batch, n, m)``,
-        or ``(o, None)`` when ``need_weights=False``.
+        ``(o, a)``: ``o`` of shape ``(*batch, n, e)`` (the batch of q, k, v and the mask) and
+        ``a`` of shape ``(*weights_batch, n, m)`` (the batch of q, k and the mask: exactly
+        what ``tanh(scale * q @ k^T)`` gives), or ``(o, None)`` when ``need_weights=False``.
 
     Raises:
-        TypeError: a non-tensor input, an unsupported or mixed dtype, a non-bool flag, a
-            non-bool mask.
+        TypeError: a non-tensor input, a nested or sparse tensor, an unsupported or mixed
+            dtype, a non-bool flag or mask, a non-number scale, a non-string backend.
         ValueError: rank below 2, mismatched feature or key sizes, batch dims that do not
-            broadcast, mixed devices, a non-finite scale, a mask of the wrong shape.
+            broadcast, mixed devices, a non-finite scale, a mask of the wrong shape, an
+            unknown causal variant or backend, or a backend that cannot run the call (the
+            message lists why, for each backend).
+
+    Non-finite inputs propagate as in the composite ``(M * tanh(scale * q @ k^T)) @ v``: a
+    NaN or infinity in v reaches every row through ``0 * inf`` (masks make weights 0, not
+    keys absent); in q or k, it reaches the rows whose scores it enters.
 
     Example:
         >>> q = torch.randn(2, 3, dtype=torch.float64)
@@ -96,12 +146,15 @@ def attn(
         >>> o, a = attn(q, k, v)
         >>> bool(torch.allclose(o, torch.tanh(q @ k.T) @ v))
         True
+        >>> o, none = attn(q, k, v, causal="bottom_right", need_weights=False)
+        >>> bool(torch.allclose(o, torch.tanh(q @ k.T).tril() @ v)), none
+        (True, None)
     """
-    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal, need_weights=need_weights)
-    scale = float(scale)
-    if implementation() == "function":
-        o, a = AttnFunction.apply(q, k, v, attn_mask, scale, causal)
-        return o, (a if need_weights else None)
-    if not need_weights:
-        return blockwise.attn_lean(q, k, v, attn_mask, scale, causal), None
-    return ops.attn(q, k, v, attn_mask, scale, causal)
+    shapes = validate_attn_inputs(
+        q, k, v, attn_mask, scale=scale, causal=causal, need_weights=need_weights
+    )
+    _validate_backend(backend)
+    inputs = Inputs(
+        q, k, v, attn_mask, _as_scale(scale), normalize_causal(causal), need_weights, shapes
+    )
+    return dispatch.select(inputs, backend)(inputs)

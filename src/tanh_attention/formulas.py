@@ -4,9 +4,9 @@ Each function here is one formula of ``docs/derivation.md`` (the document names 
 implementation in the package computes these formulas: the composite op runs ``forward``
 under autograd, the autograd.Function and the explicit op call ``vjp``/``jvp``, and the
 explicit backward op's own backward calls ``vjp_of_vjp``. Because the code is plain torch, it
-is itself differentiable, which is what makes higher-order derivatives work. The ``*_block_``
-functions at the end are the same formulas on one block of the ``n x m`` matrices, evaluated in
-place for the fast kernels (``kernels/blockwise.py``); they are not differentiable.
+is itself differentiable, which is what makes higher-order derivatives work. The kernels
+(``kernels/``) compute the same formulas block by block; they are tested against an
+independent reference, not against this file.
 
 Notation (batch dimensions ``...`` broadcast as in ``torch.matmul``)::
 
@@ -15,6 +15,10 @@ Notation (batch dimensions ``...`` broadcast as in ``torch.matmul``)::
     a = M * tanh(x)                              (..., n, m)   M: 0/1 keep-mask
     o = a @ v                                    (..., n, e)
 
+``a`` has the batch shape of q, k and the mask; ``o`` that of all of them with v. Scores are
+scaled after the product, never q before it: ``(q * scale) @ k^T`` can overflow to
+``inf - inf = NaN`` where ``q @ k^T`` is finite and the exact weights are +-1.
+
 In-place ops below act only on fresh intermediates whose old values autograd does not need
 (``tanh_`` of a matmul output, ``mul_`` by a Python scalar), and never take a
 second tensor operand: under vmap that operand may be batched where the target is not.
@@ -22,20 +26,18 @@ second tensor operand: under vmap that operand may be batched where the target i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "causal_diagonal",
     "forward",
-    "forward_block_",
     "jvp",
-    "jvp_block_",
     "keep",
-    "keep_block_",
+    "scaled",
     "vjp",
-    "vjp_block_",
     "vjp_of_vjp",
 ]
 
@@ -45,24 +47,53 @@ def _sum_to(g: Tensor, shape: Sequence[int]) -> Tensor:
     return g if g.shape == tuple(shape) else g.sum_to_size(tuple(shape))
 
 
-def keep(s: Tensor, *, causal: bool, attn_mask: Tensor | None) -> Tensor:
+def causal_diagonal(causal: str, n: int, m: int) -> int | None:
+    """The diagonal below which (inclusive) a causal variant keeps entries of an n x m matrix.
+
+    Entry ``(i, j)`` is kept iff ``j <= i + diagonal``: 0 for ``"top_left"`` (as
+    ``scaled_dot_product_attention``'s ``is_causal``), ``m - n`` for ``"bottom_right"`` (the
+    n queries are the last n of m positions, as in a decoding step); None for ``"none"``.
+    """
+    if causal == "none":
+        return None
+    return 0 if causal == "top_left" else m - n
+
+
+def keep(s: Tensor, *, causal: str, attn_mask: Tensor | None) -> Tensor:
     """Zero the entries of an ``(..., n, m)`` tensor that the keep-mask M drops: ``M * s``.
 
-    Causal keeps ``j <= i`` (top-left aligned, as ``scaled_dot_product_attention``'s
-    ``is_causal``); ``attn_mask`` keeps its True entries; both together keep the intersection.
+    ``causal`` keeps the entries :func:`causal_diagonal` says; ``attn_mask`` keeps its True
+    entries (and broadcasts ``s`` to its batch dims); both together keep the intersection.
     Both act out of place: ``tril_`` has no vmap batching rule, and under vmap a batched mask
-    may not be written into an unbatched tensor. (The fused kernels avoid the copies.)
+    may not be written into an unbatched tensor. Masked entries become exactly 0 even where
+    ``s`` is NaN or infinite.
     """
-    if causal:
-        s = s.tril()
+    diagonal = causal_diagonal(causal, s.shape[-2], s.shape[-1])
+    if diagonal is not None:
+        s = s.tril(diagonal)
     if attn_mask is not None:
         s = s.masked_fill(attn_mask.logical_not(), 0)
     return s
 
 
+def scaled(x: Tensor, scale: float) -> Tensor:
+    """``scale * x``, where ``0 * scale`` stays 0 even if ``scale`` overflows x's dtype.
+
+    A float32 (or bfloat16) tensor times a Python float above its largest finite value would
+    meet ``0 * inf = NaN``; there the product is taken in float64 and rounded, which gives
+    ``+-inf`` (saturating tanh to +-1) where ``x != 0`` and 0 where ``x == 0``.
+    """
+    if isinstance(scale, float | int):
+        if scale == 1.0:
+            return x
+        if abs(scale) > torch.finfo(x.dtype).max:
+            return (x.double() * scale).to(x.dtype)
+    return x * scale
+
+
 def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """``x = scale * q @ k^T``, scaling the smaller operand."""
-    return torch.matmul(q * scale if scale != 1.0 else q, k.mT)
+    """``x = scale * q @ k^T``, scaled after the product (see the module doc)."""
+    return scaled(torch.matmul(q, k.mT), scale)
 
 
 def forward(
@@ -72,7 +103,7 @@ def forward(
     attn_mask: Tensor | None = None,
     *,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: str = "none",
 ) -> tuple[Tensor, Tensor]:
     """Forward: ``a = M * tanh(scale * q @ k^T)``, ``o = a @ v``.
 
@@ -83,7 +114,7 @@ def forward(
     Args:
         q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
         attn_mask: optional bool ``(..., n, m)``-broadcastable mask, True = takes part.
-        scale: multiplies the scores.  causal: keep only ``j <= i``.
+        scale: multiplies the scores.  causal: ``"none"``, ``"top_left"`` or ``"bottom_right"``.
 
     Returns:
         ``(o, a)`` with shapes ``(*batch, n, e)`` and ``(*batch, n, m)``.
@@ -103,7 +134,7 @@ def vjp(
     attn_mask: Tensor | None = None,
     *,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: str = "none",
     needs: Sequence[bool] = (True, True, True),
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Reverse mode (VJP): gradients of ``<g_o, o> + <g_a, a>`` w.r.t. q, k, v.
@@ -127,7 +158,8 @@ def vjp(
     g_q = g_k = g_v = None
     if need_q or need_k:
         if g_o is not None:
-            g = torch.matmul(g_o, v.mT)
+            # Summed to a's batch first: v may carry batch dims that a lacks.
+            g = _sum_to(torch.matmul(g_o, v.mT), a.shape)
             if g_a is not None:
                 g = g + g_a
         elif g_a is not None:
@@ -139,9 +171,9 @@ def vjp(
             # masked entry has a = 0 and so (1 - a^2) = 1 there.
             g_x = keep(torch.ops.aten.tanh_backward(g, a), causal=causal, attn_mask=attn_mask)
             if need_q:
-                g_q = _sum_to(torch.matmul(g_x, k).mul_(scale), q.shape)
+                g_q = _sum_to(scaled(torch.matmul(g_x, k), scale), q.shape)
             if need_k:
-                g_k = _sum_to(torch.matmul(g_x.mT, q).mul_(scale), k.shape)
+                g_k = _sum_to(scaled(torch.matmul(g_x.mT, q), scale), k.shape)
     if need_v and g_o is not None:
         g_v = _sum_to(torch.matmul(a.mT, g_o), v.shape)
     return g_q, g_k, g_v
@@ -158,7 +190,7 @@ def jvp(
     attn_mask: Tensor | None = None,
     *,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: str = "none",
 ) -> tuple[Tensor | None, Tensor]:
     """Forward mode (JVP): tangents of ``(o, a)`` given tangents of ``(q, k, v)``::
 
@@ -203,7 +235,7 @@ def vjp_of_vjp(
     attn_mask: Tensor | None = None,
     *,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: str = "none",
 ) -> tuple[Tensor | None, ...]:
     """Double backward: the VJP of :func:`vjp` itself, as a function of its tensor inputs.
 
@@ -233,16 +265,16 @@ def vjp_of_vjp(
 
     d_g_o = d_g_a = d_q = d_k = d_v = d_a = None
     if xi_x is not None:
-        g = torch.matmul(g_o, v.mT) if g_o is not None else None
+        g = _sum_to(torch.matmul(g_o, v.mT), a.shape) if g_o is not None else None
         if g_a is not None:
             g = g_a if g is None else g + g_a
         assert g is not None  # one of g_o, g_a is present (checked above)
         g_x = keep(torch.ops.aten.tanh_backward(g, a), causal=causal, attn_mask=attn_mask)
         xi_g = keep(torch.ops.aten.tanh_backward(xi_x, a), causal=causal, attn_mask=attn_mask)
         if xi_k is not None:
-            d_q = _sum_to(torch.matmul(g_x, xi_k).mul_(scale), q.shape)
+            d_q = _sum_to(scaled(torch.matmul(g_x, xi_k), scale), q.shape)
         if xi_q is not None:
-            d_k = _sum_to(torch.matmul(g_x.mT, xi_q).mul_(scale), k.shape)
+            d_k = _sum_to(scaled(torch.matmul(g_x.mT, xi_q), scale), k.shape)
         if g_a is not None:
             d_g_a = _sum_to(xi_g, g_a.shape)
         if g_o is not None:
@@ -260,183 +292,3 @@ def vjp_of_vjp(
     if d_a is not None:
         d_a = _sum_to(d_a, a.shape)
     return d_g_o, d_g_a, d_q, d_k, d_v, d_a
-
-
-# --------------------------------------------------------------------------------------------
-# Block form, for the kernels (kernels/blockwise.py)
-#
-# The same formulas restricted to one block of rows i0:i1 and columns j0:j1 of the n x m
-# matrices, evaluated in place: each function accumulates the block's contribution into
-# buffers the caller owns and does its elementwise work in the one block buffer it makes.
-# Every tensor is (G, rows, features): G problems with equal shapes, no broadcasting. The
-# block's tanh is not computed here (kernels/cpu.py does it in the matmul's epilogue), and the
-# products ``x @ y^T (+ c)`` go through ``matmul_t``, which a kernel may pass a faster one for.
-# In-place updates make these functions non-differentiable: kernels call them with autograd
-# off, outside vmap. tests/test_kernels.py checks them against forward/vjp/jvp above.
-#
-# A block's keep-mask is M[i0:i1, j0:j1]: ``causal_diagonal`` is i0 - j0 when the causal
-# boundary crosses the block (entry (r, c) is kept iff j0 + c <= i0 + r, i.e. tril with that
-# diagonal) and None when causal keeps the whole block; ``attn_mask`` is the mask's block.
-#
-# ``transposed=True`` holds a block as its transpose, (G, cols, rows): the same entries, so
-# the same masks (given as for the untransposed block), but then two of the backward's three
-# products read the block without transposing it, which makes the recomputing backward
-# faster (docs/derivation.md section 8 has the measurement).
-# --------------------------------------------------------------------------------------------
-
-
-def _matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
-    """``x @ y^T + add`` in a new tensor (``add`` None: no term)."""
-    return torch.matmul(x, y.mT) if add is None else torch.baddbmm(add, x, y.mT)
-
-
-MatmulT = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
-
-
-def keep_block_(
-    s: Tensor,
-    *,
-    causal_diagonal: int | None,
-    attn_mask: Tensor | None,
-    transposed: bool = False,
-) -> Tensor:
-    """In place: ``M * s`` for one block ``s`` (see the block-form notes above); returns ``s``.
-
-    With ``transposed``, ``s`` holds the block's transpose: entry (c, r) is kept iff
-    ``j0 + c <= i0 + r``, i.e. ``triu`` with diagonal ``-(i0 - j0)``, and ``attn_mask`` (the
-    untransposed block's) is read transposed.
-    """
-    if causal_diagonal is not None:
-        if transposed:
-            s.triu_(-causal_diagonal)
-        else:
-            s.tril_(causal_diagonal)
-    if attn_mask is not None:
-        s.masked_fill_((attn_mask.mT if transposed else attn_mask).logical_not(), 0)
-    return s
-
-
-def forward_block_(
-    o: Tensor,
-    a: Tensor,
-    v: Tensor,
-    *,
-    causal_diagonal: int | None = None,
-    attn_mask: Tensor | None = None,
-) -> Tensor:
-    """One block of :func:`forward`, given ``tanh(x)`` of the block in ``a``::
-
-        a = M * a        (in place)        o += a @ v
-
-    Args:
-        o: ``(G, rows, e)`` accumulator for the block's rows of ``o``.
-        a: ``(G, rows, cols)``, ``tanh(scale * q_i @ k_j^T)`` on entry, the block of ``a`` on
-            return.
-        v: ``(G, cols, e)``, the block's rows of ``v``.
-        causal_diagonal, attn_mask: the block's keep-mask.
-
-    Returns:
-        ``a``, masked.
-    """
-    keep_block_(a, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
-    o.baddbmm_(a, v)
-    return a
-
-
-def vjp_block_(
-    g_q: Tensor | None,
-    g_k: Tensor | None,
-    g_v: Tensor | None,
-    g_o: Tensor | None,
-    g_a: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    *,
-    scale: float = 1.0,
-    causal_diagonal: int | None = None,
-    attn_mask: Tensor | None = None,
-    matmul_t: MatmulT = _matmul_t,
-    transposed: bool = False,
-) -> None:
-    """One block of :func:`vjp`, accumulated into the gradient buffers::
-
-        G    = g_o @ v^T + g_a                  (one new block buffer)
-        g_x  = M * G * (1 - a^2)                (in place in G)
-        g_q += scale * g_x @ k     g_k += scale * g_x^T @ q     g_v += a^T @ g_o
-
-    or, with ``transposed``, the same on the transposed block (``G^T = v @ g_o^T + g_a^T``,
-    then ``g_q += scale * (g_x^T)^T @ k``, ``g_k += scale * g_x^T @ q``, ``g_v += a^T @ g_o``):
-    only ``g_q``'s product then reads a block transposed.
-
-    Args:
-        g_q, g_k, g_v: accumulators ``(G, rows, d)``, ``(G, cols, d)``, ``(G, cols, e)`` for
-            the block's rows of each gradient, or None where that gradient is not wanted.
-        g_o: ``(G, rows, e)`` or None.  g_a: ``(G, rows, cols)`` (transposed: ``(G, cols,
-            rows)``) or None (absent terms are dropped, as in :func:`vjp`; both None is a
-            no-op).
-        q: ``(G, rows, d)``.  k: ``(G, cols, d)``.  v: ``(G, cols, e)``.
-        a: ``(G, rows, cols)`` (transposed: ``(G, cols, rows)``), the block of ``a`` (masked
-            entries 0). Not modified.
-        scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
-        matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
-        transposed: ``a``, ``g_a`` and the block buffer are held transposed.
-    """
-    # a_rc, g_rc: views of the blocks as (rows, cols), however they are held.
-    a_rc = a.mT if transposed else a
-    if (g_q is not None or g_k is not None) and (g_o is not None or g_a is not None):
-        if g_o is None:
-            assert g_a is not None
-            g = torch.ops.aten.tanh_backward(g_a, a)
-        else:
-            g = matmul_t(v, g_o, g_a) if transposed else matmul_t(g_o, v, g_a)
-            torch.ops.aten.tanh_backward.grad_input(g, a, grad_input=g)
-        keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
-        g_rc = g.mT if transposed else g
-        if g_q is not None:
-            g_q.baddbmm_(g_rc, k, alpha=scale)
-        if g_k is not None:
-            g_k.baddbmm_(g_rc.mT, q, alpha=scale)
-    if g_v is not None and g_o is not None:
-        g_v.baddbmm_(a_rc.mT, g_o)
-
-
-def jvp_block_(
-    t_o: Tensor,
-    t_q: Tensor | None,
-    t_k: Tensor | None,
-    t_v: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    *,
-    scale: float = 1.0,
-    causal_diagonal: int | None = None,
-    attn_mask: Tensor | None = None,
-    matmul_t: MatmulT = _matmul_t,
-) -> None:
-    """One block of :func:`jvp`'s ``t_o``, accumulated into ``t_o``::
-
-        t_x/scale = t_q @ k^T + q @ t_k^T        (one new block buffer)
-        t_o += scale * (M * (1 - a^2) * t_x/scale) @ v  +  a @ t_v
-
-    Args:
-        t_o: ``(G, rows, e)`` accumulator for the block's rows of ``t_o``.
-        t_q, t_k, t_v: the blocks of the input tangents (None when absent).
-        q, k, v, a: as in :func:`vjp_block_`.
-        scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
-        matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
-    """
-    t = None
-    if t_q is not None:
-        t = matmul_t(t_q, k, None)
-    if t_k is not None:
-        t = matmul_t(q, t_k, None) if t is None else t.baddbmm_(q, t_k.mT)
-    if t is not None:
-        torch.ops.aten.tanh_backward.grad_input(t, a, grad_input=t)
-        keep_block_(t, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
-        t_o.baddbmm_(t, v, alpha=scale)
-    if t_v is not None:
-        t_o.baddbmm_(a, t_v)

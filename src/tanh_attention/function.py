@@ -3,7 +3,8 @@
 It uses the hand-derived formulas for every rule: ``formulas.vjp`` for backward (plain torch
 code, so double backward differentiates it), ``formulas.jvp`` for forward-mode AD, and a
 generated vmap rule. It works under every ``torch.func`` transform; Dynamo refuses Functions
-that define ``jvp``, which is why the public function uses the registered op when compiling.
+that define ``jvp``, which is why the public function always uses registered ops. The
+explicit ops use it for forward-over-reverse, where the backward must carry tangents.
 """
 
 from __future__ import annotations
@@ -14,21 +15,23 @@ import torch
 from torch import Tensor
 
 from . import formulas
-from ._checks import validate_attn_inputs
+from ._checks import normalize_causal, validate_attn_inputs
 
 __all__ = ["AttnFunction"]
 
 
 class AttnFunction(torch.autograd.Function):
-    """``AttnFunction.apply(q, k, v, attn_mask=None, scale=1.0, causal=False) -> (o, a)``.
+    """``AttnFunction.apply(q, k, v, attn_mask=None, scale=1.0, causal="none") -> (o, a)``.
 
     Args:
         q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
         attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
-        scale: score multiplier.  causal: keep only ``j <= i``.
+        scale: score multiplier.  causal: a bool, ``"none"``, ``"top_left"`` or
+            ``"bottom_right"``.
 
     Returns:
-        ``(o, a)``: ``(*batch, n, e)`` and ``(*batch, n, m)``.
+        ``(o, a)``: ``(*batch, n, e)`` and ``(*weights_batch, n, m)`` (the batch of q, k and
+        the mask).
 
     Example:
         >>> q = torch.randn(2, 3, dtype=torch.float64)
@@ -46,10 +49,10 @@ class AttnFunction(torch.autograd.Function):
         v: Tensor,
         attn_mask: Tensor | None = None,
         scale: float = 1.0,
-        causal: bool = False,
+        causal: bool | str = False,
     ) -> tuple[Tensor, Tensor]:
         validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
-        return formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+        return formulas.forward(q, k, v, attn_mask, scale=scale, causal=normalize_causal(causal))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -57,7 +60,7 @@ class AttnFunction(torch.autograd.Function):
         a = output[1]
         ctx.save_for_backward(q, k, v, a, attn_mask)
         ctx.save_for_forward(q, k, v, a, attn_mask)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.scale, ctx.causal = scale, normalize_causal(causal)
         # An output nobody used arrives as None instead of a tensor of zeros.
         ctx.set_materialize_grads(False)
 

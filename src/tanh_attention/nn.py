@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import validate_scale
 from .api import attn
 
 __all__ = ["MultiheadTanhAttention"]
@@ -171,15 +172,7 @@ class MultiheadTanhAttention(nn.Module):
         head_dim = embed_dim // num_heads
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(
-                "MultiheadTanhAttention: argument 'scale' must be a real number or None, "
-                f"but got {type(scale).__name__}."
-            )
-        if not math.isfinite(scale):
-            raise ValueError(
-                f"MultiheadTanhAttention: argument 'scale' must be finite, but got scale={scale}."
-            )
+        validate_scale(scale, "MultiheadTanhAttention")
 
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}

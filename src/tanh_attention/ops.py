@@ -1,216 +1,217 @@
-"""Stage 4: the explicit operator ``torch.ops.tanh_attention.attn`` and its backward op.
+"""Stage 4: the explicit operators, each declared once as an op pair by :func:`declare_op_pair`.
 
-``attn`` is a ``torch.library.custom_op`` whose autograd formula is the hand-derived VJP. The
-backward is itself a registered op, ``attn_backward``, with its own autograd formula
-(``formulas.vjp_of_vjp``), so double backward works and the backward stays one opaque node
-under ``torch.compile`` and ``torch.export``. Both ops have fake kernels and vmap rules.
+An op pair is a forward op and its backward op, both ``torch.library.custom_op``\\ s, with
+fake kernels, vmap rules, autocast and autograd formulas:
 
-The ops' bodies are the blocked CPU kernels of ``kernels/blockwise.py``: the forward writes
-``a`` once (each block's tanh fused into its matmul, ``kernels/cpu.py``), and the backward
-works block by block in one block-sized buffer, in place. Those kernels are not
-differentiable; where a transform must see through the op (``torch.func`` reverse mode,
-forward AD over the backward) it gets the same formulas as plain torch code instead.
+    forward op   name(q, k, v, attn_mask=None, scale=1.0, causal="none") -> (o, a)  or  o
+    backward op  name_backward(grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs)
+                 -> (g_q, g_k, g_v)
 
-Forward-mode AD: on torch 2.13 a ``custom_op`` drops input tangents silently (its autograd
-kernel only builds a graph for inputs that require grad), and ``torch.func.grad`` on it fails.
-``install_autograd_kernel`` wraps that kernel so that forward AD through ``attn`` gives the
-right tangents (``formulas.jvp``), forward-over-reverse goes through ``AttnFunction``, and
-``torch.func`` reverse mode differentiates the ops' bodies as plain torch code.
+The forward op's autograd formula calls the backward op (the hand-derived VJP); the backward
+op's own autograd formula is ``formulas.vjp_of_vjp``, plain torch code, so double backward and
+beyond work and the backward stays one opaque node under ``torch.compile`` and ``torch.export``.
+A pair "with weights" returns ``(o, a)`` and saves ``a``; a pair without returns ``o`` only,
+saves nothing of size ``n x m``, and its backward recomputes each block of ``a``. The op
+bodies are :class:`Kernels` (pure functions, ``kernels/``) registered per device type.
+
+Two uses follow: ``torch.ops.tanh_attention.attn`` (with weights) and
+``torch.ops.tanh_attention.attn_lean`` (o only), both on the blocked CPU kernels.
+
+Where a transform must see through an op (``torch.func`` reverse mode; forward AD over the
+backward) it gets the same formulas as plain torch code instead: torch 2.13's ``custom_op``
+drops forward-AD tangents silently and fails under ``torch.func.grad``, so each op's Autograd
+kernel is replaced (``_torch_private.install_autograd_kernel``) by one that routes those
+contexts. The routing reads only the call's own tensors and per-thread state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from . import formulas
+from . import _torch_private, formulas
 from ._checks import validate_attn_inputs
-from ._registration import (
-    backward_autograd_kernel,
-    backward_vmap_rule,
-    forward_autograd_kernel,
-    forward_vmap_rule,
-    install_autograd_kernel,
-    placeholders,
-    register_autocast,
-)
+from .composite import NAMESPACE
 from .function import AttnFunction
 from .kernels import blockwise
-from .reference import NAMESPACE
 
-__all__ = ["attn", "attn_backward"]
-
-
-# --------------------------------------------------------------------------------------------
-# Forward op
-# --------------------------------------------------------------------------------------------
+__all__ = ["Kernels", "OpPair", "attn", "attn_lean", "declare_op_pair"]
 
 
-@torch.library.custom_op(f"{NAMESPACE}::attn", mutates_args=())
-def attn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None = None,
-    scale: float = 1.0,
-    causal: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """The explicit tanh attention op: ``a = M * tanh(scale * q @ k^T)``, ``o = a @ v``.
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The pure functions behind an op pair on one device type (see ``kernels/blockwise.py``).
 
-    Args:
-        q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
-        attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
-        scale: score multiplier.  causal: keep only ``j <= i``.
-
-    Returns:
-        ``(o, a)``: ``(*batch, n, e)`` and ``(*batch, n, m)``.
-
-    Example:
-        >>> q, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
-        >>> o, a = torch.ops.tanh_attention.attn(q, q, v)
-        >>> bool(torch.allclose(o, torch.tanh(q @ q.T) @ v))
-        True
+    Attributes:
+        forward: ``(q, k, v, attn_mask, scale, causal, *, need_weights) -> (o, a or None)``.
+        backward: ``(grad_o, grad_a, q, k, v, a or None, attn_mask, scale, causal, needs)
+            -> (g_q, g_k, g_v)``, each None where not needed; ``a`` None: recompute it.
+        jvp: ``(t_q, t_k, t_v, q, k, v, attn_mask, scale, causal) -> t_o``.
     """
-    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
-    o, a = blockwise.forward(q, k, v, attn_mask, scale, causal, need_weights=True)
-    assert a is not None
-    return o, a
+
+    forward: Callable[..., tuple[Tensor, Tensor | None]]
+    backward: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]
+    jvp: Callable[..., Tensor]
 
 
-def _attn_formulas(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None = None,
-    scale: float = 1.0,
-    causal: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """``attn`` as plain differentiable torch code, for transforms that trace through it."""
-    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
-    return formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+@dataclasses.dataclass(frozen=True)
+class OpPair:
+    """The two ops of a pair; ``weights``: whether the forward returns ``(o, a)``."""
+
+    forward: Any  # torch._library.custom_ops.CustomOpDef
+    backward: Any
+    weights: bool
 
 
-@attn.register_fake
-def _attn_fake(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None = None,
-    scale: float = 1.0,
-    causal: bool = False,
-) -> tuple[Tensor, Tensor]:
-    batch = validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
-    n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
-    return q.new_empty((*batch, n, e)), q.new_empty((*batch, n, m))
+_FORWARD_ARGS = (
+    "Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float scale=1.0, str causal='none'"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor? grad_o, Tensor? grad_a, Tensor q, Tensor k, Tensor v, Tensor? a, "
+    "Tensor? attn_mask, float scale, str causal, bool[] needs) -> (Tensor, Tensor, Tensor)"
+)
+_BACKWARD_TENSORS = 7  # grad_o, grad_a, q, k, v, a, attn_mask
 
 
-# --------------------------------------------------------------------------------------------
-# Backward op: (g_q, g_k, g_v), with an empty placeholder for a gradient not asked for
-# --------------------------------------------------------------------------------------------
+def _forward_extras(rest: Sequence[Any]) -> tuple[Any, ...]:
+    """``(attn_mask, scale, causal)`` from the arguments after q, k, v, defaults filled in."""
+    defaults = (None, 1.0, "none")
+    return (*rest, *defaults[len(rest) :])
 
 
-@torch.library.custom_op(f"{NAMESPACE}::attn_backward", mutates_args=())
-def attn_backward(
-    grad_o: Tensor | None,
-    grad_a: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    attn_mask: Tensor | None,
-    scale: float,
-    causal: bool,
-    needs: Sequence[bool],
+def _placeholders(
+    grads: Sequence[Tensor | None], inputs: Sequence[Tensor], needs: Sequence[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``<grad_o, o> + <grad_a, a>`` w.r.t. the inputs flagged in ``needs``.
+    """A backward op's outputs: a custom op cannot return None, so a needed gradient without
+    a contributing term is zeros and one not asked for is an empty ``(0,)`` tensor.
 
-    Args:
-        grad_o: ``(*batch, n, e)`` or None.  grad_a: ``(*batch, n, m)`` or None.
-        q, k, v: the forward's inputs.  a: the forward's output ``(*batch, n, m)``.
-        attn_mask, scale, causal: as in the forward.
-        needs: three bools for (q, k, v).
-
-    Returns:
-        ``(g_q, g_k, g_v)``, each shaped like its input where ``needs`` asks for it, and an
-        empty ``(0,)`` tensor where it does not (a custom op cannot return None). A gradient
-        with no contributing term (``g_v`` when ``grad_o`` is None) is zeros.
-    """
-    grads = blockwise.backward(grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs)
-    return placeholders(grads, (q, k, v), needs)
-
-
-def _attn_backward_formulas(
-    grad_o: Tensor | None,
-    grad_a: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    attn_mask: Tensor | None,
-    scale: float,
-    causal: bool,
-    needs: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``attn_backward`` as plain differentiable torch code (``formulas.vjp``)."""
-    grads = formulas.vjp(
-        grad_o, grad_a, q, k, v, a, attn_mask, scale=scale, causal=causal, needs=needs
-    )
-    return placeholders(grads, (q, k, v), needs)
-
-
-@attn_backward.register_fake
-def _attn_backward_fake(
-    grad_o: Tensor | None,
-    grad_a: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    attn_mask: Tensor | None,
-    scale: float,
-    causal: bool,
-    needs: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
+    Gradients are contiguous whatever the inputs' strides, as the fake kernels say (a
+    compiled graph relies on the fake kernel's strides)."""
     g_q, g_k, g_v = (
-        x.new_empty(x.shape) if need else x.new_empty(0)  # contiguous, as the kernel's
-        for x, need in zip((q, k, v), needs, strict=True)
+        (x.new_zeros(x.shape) if g is None else g.contiguous()) if need else x.new_empty(0)
+        for g, x, need in zip(grads, inputs, needs, strict=True)
     )
     return g_q, g_k, g_v
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd: attn -> attn_backward -> formulas.vjp_of_vjp (plain torch, so it goes on)
+# The op bodies: kernels, fake kernels, and the same as plain differentiable torch code
 # --------------------------------------------------------------------------------------------
 
 
-def _attn_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, attn_mask, scale, causal = inputs
-    # a is saved, never x: the derivative needs only 1 - a^2.
-    ctx.save_for_backward(q, k, v, output[1], attn_mask)
-    ctx.scale, ctx.causal = scale, causal
-    ctx.set_materialize_grads(False)  # an unused output's grad arrives as None, not zeros
+# The op bodies receive every argument of their schema, positionally: forward
+# (q, k, v, attn_mask, scale, causal); backward (grad_o, grad_a, q, k, v, a, attn_mask, scale,
+# causal, needs).
 
 
-def _attn_backward_rule(ctx: Any, grad_o: Tensor | None, grad_a: Tensor | None) -> tuple[Any, ...]:
-    need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    needs = [
-        (need_q or False) and (grad_o is not None or grad_a is not None),
-        (need_k or False) and (grad_o is not None or grad_a is not None),
-        (need_v or False) and grad_o is not None,
-    ]
-    if not any(needs):
-        return None, None, None, None, None, None
-    q, k, v, a, attn_mask = ctx.saved_tensors
-    grads = attn_backward(grad_o, grad_a, q, k, v, a, attn_mask, ctx.scale, ctx.causal, needs)
-    g_q, g_k, g_v = (g if need else None for g, need in zip(grads, needs, strict=True))
-    return g_q, g_k, g_v, None, None, None
+def _validate(args: Sequence[Any]) -> Any:
+    q, k, v, *rest = args
+    attn_mask, scale, causal = _forward_extras(rest)
+    return validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
 
 
-attn.register_autograd(_attn_backward_rule, setup_context=_attn_setup_context)
+def _forward_body(kernels: Kernels, weights: bool) -> Callable[..., Any]:
+    def body(*args: Any) -> Any:
+        _validate(args)
+        o, a = kernels.forward(*args[:3], *_forward_extras(args[3:]), need_weights=weights)
+        return (o, a) if weights else o
+
+    return body
+
+
+def _backward_body(kernels: Kernels) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    def body(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        return _placeholders(kernels.backward(*args), args[2:5], args[-1])
+
+    return body
+
+
+def _no_kernel(name: str) -> Callable[..., Any]:
+    def body(*args: Any) -> Any:
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        raise NotImplementedError(
+            f"torch.ops.{NAMESPACE}.{name} has no kernel for {device} tensors. "
+            f"tanh_attention.attn(...) picks a backend that runs there (see "
+            f"tanh_attention.backends())."
+        )
+
+    return body
+
+
+def _forward_fake(weights: bool) -> Callable[..., Any]:
+    def fake(*args: Any) -> Any:
+        s = _validate(args)
+        o = args[0].new_empty((*s.batch, s.n, s.e))
+        return (o, args[0].new_empty((*s.weights_batch, s.n, s.m))) if weights else o
+
+    return fake
+
+
+def _backward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    g_q, g_k, g_v = (
+        x.new_empty(x.shape) if need else x.new_empty(0)  # contiguous, as the kernel's
+        for x, need in zip(args[2:5], args[-1], strict=True)
+    )
+    return g_q, g_k, g_v
+
+
+def _forward_formulas(weights: bool) -> Callable[..., Any]:
+    """The forward op as plain differentiable torch code, for transforms that trace through."""
+
+    def forward(*args: Any) -> Any:
+        _validate(args)
+        q, k, v, *rest = args
+        attn_mask, scale, causal = _forward_extras(rest)
+        o, a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+        return (o, a) if weights else o
+
+    return forward
+
+
+def _backward_formulas(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op as plain differentiable torch code (``formulas.vjp``)."""
+    grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs = args
+    if a is None:
+        a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
+    grads = formulas.vjp(
+        grad_o, grad_a, q, k, v, a, attn_mask, scale=scale, causal=causal, needs=needs
+    )
+    return _placeholders(grads, (q, k, v), needs)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: forward op -> backward op -> formulas.vjp_of_vjp (plain torch, so it goes on)
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_autograd(pair: OpPair) -> None:
+    weights = pair.weights
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        q, k, v, attn_mask, scale, causal = inputs
+        # The weights pair saves a, never x: the derivative needs only 1 - a^2.
+        ctx.save_for_backward(q, k, v, attn_mask, output[1] if weights else None)
+        ctx.scale, ctx.causal = scale, causal
+        ctx.set_materialize_grads(False)  # an unused output's grad arrives as None, not zeros
+
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Any, ...]:
+        grad_o, grad_a = grads if weights else (grads[0], None)
+        some = grad_o is not None or grad_a is not None
+        need_q, need_k, need_v = (bool(x) for x in ctx.needs_input_grad[:3])
+        needs = [need_q and some, need_k and some, need_v and grad_o is not None]
+        if not any(needs):
+            return (None,) * 6
+        q, k, v, attn_mask, a = ctx.saved_tensors
+        out = pair.backward(grad_o, grad_a, q, k, v, a, attn_mask, ctx.scale, ctx.causal, needs)
+        g_q, g_k, g_v = (g if need else None for g, need in zip(out, needs, strict=True))
+        return g_q, g_k, g_v, None, None, None
+
+    pair.forward.register_autograd(backward, setup_context=setup_context)
 
 
 def _backward_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -220,47 +221,225 @@ def _backward_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> N
     ctx.set_materialize_grads(False)
 
 
-def _backward_backward_rule(
+def _backward_backward(
     ctx: Any, xi_q: Tensor | None, xi_k: Tensor | None, xi_v: Tensor | None
 ) -> tuple[Any, ...]:
+    """Double backward, from the differentiable formulas.
+
+    With saved weights, the cotangent ``d_a`` of ``a`` goes to the input ``a`` (the forward
+    op's output, whose own backward carries it on). Without (``a`` None), ``a`` is recomputed
+    here (n x m) and ``d_a`` is carried to q and k by ``formulas.vjp`` with ``grad_a = d_a``.
+    """
     grad_o, grad_a, q, k, v, a, attn_mask = ctx.saved_tensors
+    scale, causal = ctx.scale, ctx.causal
     # A placeholder output's cotangent carries nothing.
     xi_q, xi_k, xi_v = (
         xi if need else None for xi, need in zip((xi_q, xi_k, xi_v), ctx.needs, strict=True)
     )
-    d = formulas.vjp_of_vjp(
-        xi_q, xi_k, xi_v, grad_o, grad_a, q, k, v, a, attn_mask, scale=ctx.scale, causal=ctx.causal
+    recomputed = a is None
+    if recomputed:
+        a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
+    d_g_o, d_g_a, d_q, d_k, d_v, d_a = formulas.vjp_of_vjp(
+        xi_q, xi_k, xi_v, grad_o, grad_a, q, k, v, a, attn_mask, scale=scale, causal=causal
     )
-    return (*d, None, None, None, None)
-
-
-attn_backward.register_autograd(_backward_backward_rule, setup_context=_backward_setup_context)
+    if recomputed and d_a is not None:
+        via_q, via_k, _ = formulas.vjp(
+            None, d_a, q, k, v, a, attn_mask, scale=scale, causal=causal, needs=(True, True, False)
+        )
+        assert via_q is not None and via_k is not None
+        d_q = via_q if d_q is None else d_q + via_q
+        d_k = via_k if d_k is None else d_k + via_k
+        d_a = None
+    return d_g_o, d_g_a, d_q, d_k, d_v, d_a, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
-# vmap rules, autocast, and Autograd kernels for every autograd context (see _registration)
+# vmap rules and autocast
 # --------------------------------------------------------------------------------------------
 
 
-def _attn_dual_outputs(
-    outputs: tuple[Tensor, Tensor],
-    primals: Sequence[Tensor],
-    tangent: Sequence[Tensor | None],
-    attn_mask: Tensor | None,
-    scale: float,
-    causal: bool,
-) -> tuple[Tensor, Tensor]:
-    """Forward AD: ``(o, a)`` with the tangents of ``formulas.jvp`` (from the computed ``a``)."""
-    (o, a), (t_q, t_k, t_v), (q, k, v) = outputs, tangent, primals
-    t_o, t_a = formulas.jvp(t_q, t_k, t_v, q, k, v, a, attn_mask, scale=scale, causal=causal)
-    assert t_o is not None
-    return fwAD.make_dual(o, t_o), fwAD.make_dual(a, t_a)
+def _to_batched(
+    size: int, tensors: Sequence[Tensor | None], in_dims: Sequence[int | None]
+) -> list[Tensor | None]:
+    """Align tensors for a vmap rule: the vmapped dim first and one logical batch rank.
+
+    The ops' own broadcasting then handles the batch; unbatched inputs are expanded
+    (stride 0) so that per-sample gradients are not summed over the vmapped dim.
+    """
+    logical = [
+        t.dim() - (bd is not None) for t, bd in zip(tensors, in_dims, strict=True) if t is not None
+    ]
+    rank = max(logical)
+    out: list[Tensor | None] = []
+    for t, bd in zip(tensors, in_dims, strict=True):
+        if t is None:
+            out.append(None)
+            continue
+        t = t.expand(size, *t.shape) if bd is None else t.movedim(bd, 0)
+        out.append(t.reshape(size, *([1] * (rank - t.dim() + 1)), *t.shape[1:]))
+    return out
 
 
-attn.register_vmap(forward_vmap_rule(attn, (0, 0)))
-attn_backward.register_vmap(backward_vmap_rule(attn_backward, leading=2))
-register_autocast(attn)
-install_autograd_kernel(
-    attn, forward_autograd_kernel(_attn_formulas, AttnFunction.apply, _attn_dual_outputs)
-)
-install_autograd_kernel(attn_backward, backward_autograd_kernel(_attn_backward_formulas, 7))
+def _forward_vmap_rule(pair: OpPair) -> Callable[..., Any]:
+    out_dims = (0, 0) if pair.weights else 0
+
+    def rule(
+        info: Any, in_dims: Sequence[int | None], q: Tensor, k: Tensor, v: Tensor, *rest: Any
+    ) -> Any:
+        attn_mask, scale, causal = _forward_extras(rest)
+        dims = (*in_dims, None)[:4]  # in_dims covers only the arguments actually passed
+        q_, k_, v_, m_ = _to_batched(info.batch_size, (q, k, v, attn_mask), dims)
+        return pair.forward(q_, k_, v_, m_, scale, causal), out_dims
+
+    return rule
+
+
+def _backward_vmap_rule(pair: OpPair) -> Callable[..., Any]:
+    def rule(info: Any, in_dims: Sequence[int | None], *args: Any) -> Any:
+        *tensors, scale, causal, needs = args
+        size = info.batch_size
+        dims = in_dims[:_BACKWARD_TENSORS]
+        grads = pair.backward(*_to_batched(size, tensors, dims), scale, causal, needs)
+        # Each gradient comes back shaped like its padded input: drop the padding.
+        # Placeholders (gradients not asked for) are not batched.
+        out = tuple(
+            g.reshape(size, *(x.shape if bd is None else x.movedim(bd, 0).shape[1:])) if need else g
+            for g, x, bd, need in zip(grads, tensors[2:5], dims[2:5], needs, strict=True)
+        )
+        return out, tuple(0 if need else None for need in needs)
+
+    return rule
+
+
+def _register_autocast(op: Any) -> None:
+    """Under autocast the op runs in the autocast dtype, like the matmuls of the composite."""
+    op.register_autocast("cpu", torch.bfloat16)
+    if torch.amp.is_autocast_available("cuda"):
+        op.register_autocast("cuda", torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd kernels that serve every autograd context, not only plain reverse mode
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_autograd_kernel(pair: OpPair, kernels_jvp: Callable[..., Tensor]) -> Any:
+    """The forward op's Autograd kernel: plain reverse mode as generated; ``torch.func``
+    reverse mode through the plain formulas; forward-over-reverse through ``AttnFunction``
+    (its backward carries tangents); plain forward AD with the tangents of ``formulas.jvp``
+    (weights) or of the blocked JVP kernel (o only, nothing of size n x m)."""
+    weights = pair.weights
+    forward_formulas = _forward_formulas(weights)
+
+    def kernel(generated: Any, keyset: Any, *args: Any) -> Any:
+        q, k, v = args[:3]
+        attn_mask, scale, causal = _forward_extras(args[3:])
+        if _torch_private.under_functorch_grad():
+            return forward_formulas(q, k, v, attn_mask, scale, causal)
+        tangent = _torch_private.tangents((q, k, v))
+        if tangent is None:
+            return generated(keyset, *args)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            o, a = AttnFunction.apply(q, k, v, attn_mask, scale, causal)
+            return (o, a) if weights else o
+        primals = [fwAD.unpack_dual(t).primal for t in (q, k, v)]
+        outputs = generated(keyset, *primals, *args[3:])
+        t_q, t_k, t_v = tangent
+        p_q, p_k, p_v = primals
+        if weights:
+            o, a = outputs
+            t_o, t_a = formulas.jvp(
+                t_q, t_k, t_v, p_q, p_k, p_v, a, attn_mask, scale=scale, causal=causal
+            )
+            assert t_o is not None
+            return fwAD.make_dual(o, t_o), fwAD.make_dual(a, t_a)
+        if _torch_private.functorch_active():
+            # Under torch.func (jacfwd = vmap of jvp) the tensors may be batched, which the
+            # in-place block kernels cannot take: the plain formulas can (they build a).
+            a = formulas.forward(p_q, p_k, p_v, attn_mask, scale=scale, causal=causal)[1]
+            t_o = formulas.jvp(
+                t_q, t_k, t_v, p_q, p_k, p_v, a, attn_mask, scale=scale, causal=causal
+            )[0]
+        else:
+            t_o = kernels_jvp(t_q, t_k, t_v, p_q, p_k, p_v, attn_mask, scale, causal)
+        return fwAD.make_dual(outputs, t_o)
+
+    return kernel
+
+
+def _backward_autograd_kernel(generated: Any, keyset: Any, *args: Any) -> Any:
+    """The backward op's Autograd kernel: forward AD over it (forward-over-reverse, jvp of
+    grad) and ``torch.func`` reverse mode get the plain formulas, which they see through."""
+    if (
+        _torch_private.under_functorch_grad()
+        or _torch_private.tangents(args[:_BACKWARD_TENSORS]) is not None
+    ):
+        return _backward_formulas(*args)
+    return generated(keyset, *args)
+
+
+# --------------------------------------------------------------------------------------------
+# The factory
+# --------------------------------------------------------------------------------------------
+
+
+def declare_op_pair(name: str, *, weights: bool, kernels: Mapping[str, Kernels]) -> OpPair:
+    """Register ``torch.ops.tanh_attention.<name>`` and ``<name>_backward``.
+
+    Args:
+        name: the forward op's name in the ``tanh_attention`` namespace.
+        weights: the forward returns ``(o, a)`` and saves ``a``; else ``o`` only, recomputing
+            ``a`` block by block in the backward.
+        kernels: the op bodies per device type (``"cpu"``, ``"cuda"``, ...); other device
+            types get a clear error.
+
+    Returns:
+        The :class:`OpPair`, whose ops are also reachable as ``torch.ops.tanh_attention.*``.
+    """
+    out = "(Tensor, Tensor)" if weights else "Tensor"
+    forward = torch.library.custom_op(
+        f"{NAMESPACE}::{name}",
+        _no_kernel(name),
+        mutates_args=(),
+        schema=f"({_FORWARD_ARGS}) -> {out}",
+    )
+    backward = torch.library.custom_op(
+        f"{NAMESPACE}::{name}_backward",
+        _no_kernel(f"{name}_backward"),
+        mutates_args=(),
+        schema=_BACKWARD_SCHEMA,
+    )
+    for device_type, body in kernels.items():
+        forward.register_kernel(device_type, _forward_body(body, weights))
+        backward.register_kernel(device_type, _backward_body(body))
+    forward.register_fake(_forward_fake(weights))
+    backward.register_fake(_backward_fake)
+    pair = OpPair(forward, backward, weights)
+
+    _forward_autograd(pair)
+    backward.register_autograd(_backward_backward, setup_context=_backward_setup_context)
+    forward.register_vmap(_forward_vmap_rule(pair))
+    backward.register_vmap(_backward_vmap_rule(pair))
+    _register_autocast(forward)
+    # One jvp kernel for forward AD: every device type's kernels compute the same formulas.
+    jvp_kernel = next(iter(kernels.values())).jvp
+    _torch_private.install_autograd_kernel(forward, _forward_autograd_kernel(pair, jvp_kernel))
+    _torch_private.install_autograd_kernel(backward, _backward_autograd_kernel)
+    return pair
+
+
+# --------------------------------------------------------------------------------------------
+# The two uses: the explicit op and the memory-efficient op, on the blocked CPU kernels
+# --------------------------------------------------------------------------------------------
+
+# The blocked kernels are torch code: they run on any device, fastest on CPU (oneDNN's fused
+# tanh); on CUDA the triton backend is the fast one, this is the always-correct fallback.
+BLOCKED = Kernels(blockwise.forward, blockwise.backward, blockwise.jvp)
+
+attn = declare_op_pair("attn", weights=True, kernels={"cpu": BLOCKED, "cuda": BLOCKED})
+"""``torch.ops.tanh_attention.attn(q, k, v, attn_mask=None, scale=1.0, causal="none") -> (o, a)``:
+``a = M * tanh(scale * q @ k^T)``, ``o = a @ v``; with three tensors, the lab's function."""
+
+attn_lean = declare_op_pair("attn_lean", weights=False, kernels={"cpu": BLOCKED, "cuda": BLOCKED})
+"""``torch.ops.tanh_attention.attn_lean(q, k, v, attn_mask=None, scale=1.0, causal="none") -> o``:
+the output only, never building ``a`` (n x m) in forward or backward."""

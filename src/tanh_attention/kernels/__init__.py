@@ -1,10 +1,12 @@
-"""Faster ways to compute the formulas of ``formulas.py`` (design.md section 3).
+"""Pure compute: faster ways to evaluate the formulas of ``formulas.py``.
 
-- :mod:`.tanh`: ``tanh(scale * q @ k^T)`` for one block, the elementwise hot spot, with the
-  fastest method this machine offers that stays within 4 float32 ulp of the exact tanh.
-- :mod:`.blockwise`: the blocked forward, backward and JVP drivers shared by the explicit op
-  (``torch.ops.tanh_attention.attn``) and the memory-efficient op
-  ``torch.ops.tanh_attention.attn_lean`` registered there (``o`` only, nothing of size n x m).
+Nothing here registers an op or knows about autograd (``ops.py`` does that).
+
+- :mod:`.cpu`: the two block primitives, ``tanh(scale * q @ k^T)`` (oneDNN's matmul with a
+  fused tanh where a probe shows it accurate) and ``x @ y^T + c``.
+- :mod:`.blocks`: the formulas on one block, in place.
+- :mod:`.blockwise`: the blocked forward, backward and JVP drivers of the CPU backend.
+- :mod:`.memory`: a warm heap for the block buffers.
 
 Kernels are tested against the float64 reference of ``tests/samples.py``, never against
 themselves.

@@ -1,11 +1,12 @@
-"""Blocked CPU kernels for tanh attention, and the memory-efficient op ``attn_lean``.
+"""Blocked CPU kernels for tanh attention: forward, backward and JVP, pure functions.
 
 The ``n x m`` matrices (scores, ``a``, their gradients) are processed one block of rows
 ``i0:i1`` and columns ``j0:j1`` at a time, so a block stays in cache while its tanh, its
 mask and its matrix products use it. Each block runs the block form of the formulas
-(``formulas.forward_block_``, ``vjp_block_``, ``jvp_block_``); its tanh comes from
-``kernels.cpu.scores_tanh`` (oneDNN's matmul with a fused tanh where available), and its
-products ``x @ y^T (+ c)`` from ``kernels.cpu.matmul_t``.
+(``kernels/blocks.py``); its tanh comes from ``kernels.cpu.scores_tanh`` (oneDNN's matmul
+with a fused tanh where available), and its products ``x @ y^T (+ c)`` from
+``kernels.cpu.matmul_t``. These functions know nothing of autograd or op registration
+(``ops.py`` registers them); they run with autograd off.
 
 - :func:`forward`: ``(o, a)``, or ``(o, None)`` without ever holding more than one block of
   ``a`` (the memory-efficient path).
@@ -13,14 +14,18 @@ products ``x @ y^T (+ c)`` from ``kernels.cpu.matmul_t``.
   of ``a`` from q and k.
 - :func:`jvp`: ``t_o`` from recomputed blocks.
 
-With ``causal``, each row block stops at its last row's diagonal: blocks wholly above the
-diagonal are never visited, so causal attention costs about half. Batch dimensions
-broadcast: inputs are flattened to ``(B, rows, features)`` (copying only inputs that were
-broadcast, never anything of size ``n x m``), and gradients are summed back to each input's
-shape. bfloat16 and float16 inputs are computed in float32 and rounded once at the end.
+Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
+above it are never visited and causal attention costs about half. That skipping changes no
+result: it happens only when every input a skipped block would multiply by its zeros is
+finite. Otherwise every block is visited and a NaN or infinity propagates through ``0 * inf``
+exactly as in ``a @ v`` of the composite (the package's rule for non-finite inputs; see
+docs/derivation.md).
 
-The registered ops (``torch.ops.tanh_attention.attn_lean`` and its backward op) follow, with
-fake kernels, autograd, vmap rules, autocast and forward AD.
+Batch dimensions broadcast: inputs are flattened to ``(B, rows, features)`` over the batch
+shape of all inputs (copying only inputs that were broadcast), gradients are summed back to
+each input's shape, and ``a`` has the batch shape of q, k and the mask. bfloat16 and float16
+inputs are computed in float32 and rounded once at the end; a scale too large for float32 is
+computed in float64. Every returned tensor owns its memory (none is a view of a buffer).
 """
 
 from __future__ import annotations
@@ -28,46 +33,30 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .. import formulas
-from .._checks import batch_shape, validate_attn_inputs
-from .._registration import (
-    backward_autograd_kernel,
-    backward_vmap_rule,
-    forward_autograd_kernel,
-    forward_vmap_rule,
-    install_autograd_kernel,
-    placeholders,
-    register_autocast,
-)
-from ..function import AttnFunction
-from ..reference import NAMESPACE
+from .._checks import validate_attn_inputs
+from ..formulas import causal_diagonal
 from . import memory
+from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
 from .cpu import matmul_t, scores_tanh
 
-__all__ = [
-    "BLOCK_COLS",
-    "BLOCK_ROWS",
-    "attn_lean",
-    "attn_lean_backward",
-    "backward",
-    "forward",
-    "jvp",
-]
+__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
 
-# Block sizes: a float32 block of BLOCK_ROWS x BLOCK_COLS is 2 MiB, the L2 caches of the two
-# cores of the machine benchmarks/RESULTS.md was measured on. Larger blocks amortize Python
+# Block sizes: a float32 block of BLOCK_ROWS x BLOCK_COLS is 2 MiB, about the L2 cache of a
+# core of the machines benchmarks/RESULTS.md was measured on. Larger blocks amortize Python
 # and oneDNN call overhead; smaller ones stay in cache (benchmarks/blocks.py measures it).
 BLOCK_ROWS = 512
 BLOCK_COLS = 1024
 # Problems with fewer n * m entries than this are grouped, several per block, so that a
 # large batch of small problems is not one Python iteration per problem.
 _SMALL = 16384
+
+
+def _all_finite(*tensors: Tensor | None) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +66,15 @@ class _Tile:
     batch: slice
     rows: slice
     cols: slice
-    causal_diagonal: int | None  # see formulas' block-form notes
+    causal_diagonal: int | None  # see kernels/blocks.py
 
 
 class _Problem:
-    """The inputs of one call, flattened to ``(B, rows, features)``, and its blocks."""
+    """The inputs of one call, flattened to ``(B, rows, features)``, and its blocks.
+
+    ``skip_causal``: whether blocks wholly above the causal boundary may be skipped, i.e.
+    whether the inputs those blocks would multiply by zero are all finite (module doc).
+    """
 
     def __init__(
         self,
@@ -89,31 +82,35 @@ class _Problem:
         k: Tensor,
         v: Tensor,
         attn_mask: Tensor | None,
-        causal: bool,
+        scale: float,
+        causal: str,
         block_rows: int | None,
         block_cols: int | None,
+        skip_causal: bool = True,
     ) -> None:
         memory.warm_heap()  # block buffers stay in the heap, not faulted in again per block
-        self.batch = batch_shape(q, k, v)
+        shapes = validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
+        self.batch, self.weights_batch = shapes.batch, shapes.weights_batch
         self.size = math.prod(self.batch)
-        self.n, self.d = q.shape[-2:]
-        self.m, self.e = k.shape[-2], v.shape[-1]
+        self.n, self.m, self.d, self.e = shapes.n, shapes.m, shapes.d, shapes.e
         self.dtype, self.device = q.dtype, q.device
-        # bfloat16/float16 accumulate in float32 (design: one rounding at the end).
+        # bfloat16/float16 accumulate in float32 (one rounding at the end); a scale beyond
+        # float32's range would meet 0 * inf there, so such calls compute in float64.
         self.compute = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-        self.causal = causal
+        if abs(scale) > torch.finfo(self.compute).max:
+            self.compute = torch.float64
+        self.scale = scale
+        self.diagonal = causal_diagonal(causal, self.n, self.m)
+        self.skip = self.diagonal is not None and skip_causal
         self.mask = None if attn_mask is None else attn_mask.expand(*self.batch, self.n, self.m)
         self.rows = max(1, min(self.n, block_rows or BLOCK_ROWS))
-        # Causal: each row block stops at its last row's diagonal (causal_end), so the work
-        # is about (n + rows) / 2n of n x m whatever the block width.
         self.cols = max(1, min(self.m, block_cols or BLOCK_COLS))
         entries = self.n * self.m
         whole = self.rows == self.n and self.cols == self.m
         self.group = (
             max(1, (BLOCK_ROWS * BLOCK_COLS) // entries) if whole and entries < _SMALL else 1
         )
-        # Nothing to compute when a is all zeros (d = 0) or empty; e = 0 still has an a.
-        self.trivial = self.size * entries == 0 or self.d == 0
+        self.empty = self.size * entries == 0
 
     def flat(self, t: Tensor | None, rows: int, cols: int, compute: bool = True) -> Tensor | None:
         """``t`` expanded to the batch shape as ``(B, rows, cols)``; a copy only if broadcast."""
@@ -123,10 +120,25 @@ class _Problem:
         return t.to(self.compute) if compute else t
 
     def zeros(self, rows: int, cols: int) -> Tensor:
-        return torch.zeros(self.size, rows, cols, dtype=self.compute, device=self.device)
+        """A ``(*batch, rows, cols)`` accumulator in the compute dtype."""
+        return torch.zeros(*self.batch, rows, cols, dtype=self.compute, device=self.device)
+
+    def prescale(self, q: Tensor, k: Tensor) -> bool:
+        """Whether ``(scale * q) @ k^T`` cannot overflow where ``q @ k^T`` does not: true when
+        ``|scale| * |q_i| * |k_j|`` (which bounds every partial sum) and ``|scale| * |q_i|``,
+        ``|scale| * |k_j|`` stay well inside the compute dtype for all rows. Otherwise the
+        scores are scaled after the product (formulas.scaled)."""
+        if self.scale == 1.0 or q.numel() == 0 or k.numel() == 0:
+            return True
+        top = torch.finfo(self.compute).max / 4
+        big_q = torch.linalg.vector_norm(q, dim=-1).amax().item()
+        big_k = torch.linalg.vector_norm(k, dim=-1).amax().item()
+        s = abs(self.scale)
+        return s * max(big_q, big_k, 1.0) <= top and s * big_q * big_k <= top
 
     def tiles(self) -> Iterator[_Tile]:
-        """Every block, row block by row block; causal skips blocks wholly above the diagonal."""
+        """Every block, row block by row block; causal skips blocks wholly above the diagonal
+        where ``skip`` allows."""
         for b0 in range(0, self.size, self.group):
             batch = slice(b0, min(self.size, b0 + self.group))
             for i0 in range(0, self.n, self.rows):
@@ -134,13 +146,18 @@ class _Problem:
                 end = self.causal_end(i1)
                 for j0 in range(0, end, self.cols):
                     j1 = min(end, j0 + self.cols)
-                    crosses = self.causal and j1 - 1 > i0
-                    yield _Tile(batch, slice(i0, i1), slice(j0, j1), i0 - j0 if crosses else None)
+                    diagonal = None
+                    if self.diagonal is not None and j1 - 1 > i0 + self.diagonal:
+                        diagonal = i0 - j0 + self.diagonal  # the boundary crosses the block
+                    yield _Tile(batch, slice(i0, i1), slice(j0, j1), diagonal)
 
     def causal_end(self, i1: int) -> int:
-        """The first column that no row above ``i1`` keeps (m if not causal): the row blocks
-        end where the causal boundary does, not at a whole column block."""
-        return min(self.m, i1) if self.causal else self.m
+        """The first column that no row above ``i1`` keeps where blocks may be skipped, else m:
+        the row blocks end where the causal boundary does, not at a whole column block."""
+        if not self.skip:
+            return self.m
+        assert self.diagonal is not None
+        return max(0, min(self.m, i1 + self.diagonal))
 
     def mask_block(self, tile: _Tile) -> Tensor | None:
         """The attn_mask block of ``tile`` as ``(G, rows, cols)`` (a view unless G > 1)."""
@@ -159,10 +176,22 @@ class _Problem:
             index.append(r)
         return tuple(reversed(index))
 
-    def unflat(self, t: Tensor, like: Tensor) -> Tensor:
-        """A ``(B, rows, cols)`` gradient summed back to the shape and dtype of ``like``."""
-        t = t.reshape(*self.batch, *t.shape[-2:])
-        return formulas._sum_to(t, like.shape).to(like.dtype)
+    def weights_index(self) -> tuple[slice, ...] | None:
+        """Where ``a``'s batch lies in the full batch (the first copy along the dims only v
+        brings), or None when the two are the same."""
+        if self.weights_batch == self.batch:
+            return None
+        own = (1,) * (len(self.batch) - len(self.weights_batch)) + self.weights_batch
+        return tuple(
+            slice(None) if w == b else slice(0, 1) for w, b in zip(own, self.batch, strict=True)
+        )
+
+    def reduce(self, t: Tensor, like: Tensor) -> Tensor:
+        """A ``(*batch, rows, cols)`` gradient summed to the shape and dtype of ``like``, in
+        memory of its own."""
+        if t.shape != like.shape:
+            t = t.sum_to_size(like.shape)
+        return t.to(like.dtype)
 
 
 @torch.no_grad()  # in-place block updates: not differentiable (see module doc)
@@ -172,7 +201,7 @@ def forward(
     v: Tensor,
     attn_mask: Tensor | None = None,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: str = "none",
     *,
     need_weights: bool = True,
     block_rows: int | None = None,
@@ -183,35 +212,53 @@ def forward(
     Args:
         q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)`` (batch dims broadcast).
         attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
-        scale, causal: as in ``formulas.forward``.
+        scale: multiplies the scores.  causal: ``"none"``, ``"top_left"``, ``"bottom_right"``.
         need_weights: also return ``a``; with False nothing of size ``n x m`` is allocated.
         block_rows, block_cols: block size (default ``BLOCK_ROWS`` x ``BLOCK_COLS``).
 
     Returns:
-        ``(o, a)``: ``(*batch, n, e)`` and ``(*batch, n, m)``, or ``(o, None)``.
+        ``(o, a)``: ``(*batch, n, e)`` and ``(*weights_batch, n, m)``, or ``(o, None)``.
+
+    Example:
+        >>> q, v = torch.randn(3, 2), torch.randn(3, 4)
+        >>> o, a = forward(q, q, v, causal="top_left", block_rows=2, block_cols=2)
+        >>> bool(torch.allclose(o, torch.tanh(q @ q.T).tril() @ v, atol=1e-6))
+        True
     """
-    p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
-    o = torch.zeros(p.size, p.n, p.e, dtype=p.compute, device=q.device)
-    a = torch.empty(*p.batch, p.n, p.m, dtype=q.dtype, device=q.device) if need_weights else None
-    if p.trivial:
-        return o.reshape(*p.batch, p.n, p.e).to(p.dtype), None if a is None else a.zero_()
-    q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
-    a3 = None if a is None else a.view(p.size, p.n, p.m)
-    assert q3 is not None and k3 is not None and v3 is not None
-    for t in p.tiles():
-        block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale)
-        formulas.forward_block_(
-            o[t.batch, t.rows],
-            block,
-            v3[t.batch, t.cols],
-            causal_diagonal=t.causal_diagonal,
-            attn_mask=p.mask_block(t),
-        )
-        if a3 is not None:
-            a3[t.batch, t.rows, t.cols].copy_(block)
-            if t.cols.stop == p.causal_end(t.rows.stop) < p.m:
-                a3[t.batch, t.rows, t.cols.stop :].zero_()  # the causally skipped blocks
-    return o.reshape(*p.batch, p.n, p.e).to(p.dtype), a
+    p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
+    if p.skip and not _all_finite(v):
+        p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols, skip_causal=False)
+    o = p.zeros(p.n, p.e)
+    where = p.weights_index()
+    a = None
+    if need_weights:
+        a = torch.empty(*p.batch, p.n, p.m, dtype=q.dtype, device=q.device)
+        if p.empty:
+            a.zero_()
+    if not p.empty:
+        q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
+        assert q3 is not None and k3 is not None and v3 is not None
+        o3, a3 = o.view(p.size, p.n, p.e), None if a is None else a.view(p.size, p.n, p.m)
+        prescale = p.prescale(q3, k3)
+        for t in p.tiles():
+            block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale)
+            forward_block_(
+                o3[t.batch, t.rows],
+                block,
+                v3[t.batch, t.cols],
+                causal_diagonal=t.causal_diagonal,
+                attn_mask=p.mask_block(t),
+            )
+            if a3 is not None:
+                a3[t.batch, t.rows, t.cols].copy_(block)
+        if a3 is not None and p.skip:
+            for i0 in range(0, p.n, p.rows):  # the blocks causal skipped are zeros
+                i1 = min(p.n, i0 + p.rows)
+                a3[:, i0:i1, p.causal_end(i1) :].zero_()
+    if a is not None and where is not None:
+        # v brought batch dims of its own: a is the same along them; keep one copy.
+        a = a[where].reshape(*p.weights_batch, p.n, p.m).clone()
+    return o.to(p.dtype), a
 
 
 @torch.no_grad()  # in-place block updates: not differentiable (see module doc)
@@ -224,7 +271,7 @@ def backward(
     a: Tensor | None,
     attn_mask: Tensor | None = None,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: str = "none",
     needs: Sequence[bool] = (True, True, True),
     *,
     block_rows: int | None = None,
@@ -233,10 +280,11 @@ def backward(
     """Gradients of ``<grad_o, o> + <grad_a, a>`` w.r.t. q, k, v, block by block.
 
     Args:
-        grad_o: ``(*batch, n, e)`` or None.  grad_a: ``(*batch, n, m)`` or None (needs ``a``).
+        grad_o: ``(*batch, n, e)`` or None.  grad_a: ``(*weights_batch, n, m)`` or None (needs
+            ``a``).
         q, k, v, attn_mask, scale, causal: the forward's arguments.
-        a: the forward's ``(*batch, n, m)`` weights, or None to recompute each block of it
-            (then no tensor of size ``n x m`` is allocated).
+        a: the forward's ``(*weights_batch, n, m)`` weights, or None to recompute each block
+            of it (then no tensor of size ``n x m`` is allocated).
         needs: which of (q, k, v) want a gradient.
         block_rows, block_cols: block size.
 
@@ -252,33 +300,45 @@ def backward(
     need_v = need_v and grad_o is not None
     if not (need_q or need_k or need_v):
         return None, None, None
-    p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
+    p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
+    if p.skip and not _all_finite(q if need_k else None, k if need_q else None, grad_o):
+        p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols, skip_causal=False)
     # Recomputing, each block is made transposed (tanh(scale * k_J @ q_I^T), cols x rows), so
-    # that only g_q's product reads a block transposed (formulas.vjp_block_; measured by
+    # that only g_q's product reads a block transposed (blocks.vjp_block_; measured by
     # benchmarks/orientation.py). With a saved a, transposing its blocks would cost a copy.
     transposed = a is None
     g_q = p.zeros(p.n, p.d) if need_q else None
     g_k = p.zeros(p.m, p.d) if need_k else None
     g_v = p.zeros(p.m, p.e) if need_v else None
-    if not p.trivial:
+    where = p.weights_index()
+    if grad_a is not None and where is not None:
+        # grad_a belongs to one copy of a along v's own batch dims: the others get none.
+        spread = torch.zeros(*p.batch, p.n, p.m, dtype=grad_a.dtype, device=grad_a.device)
+        spread[where] = grad_a.reshape(spread[where].shape)
+        grad_a = spread
+    if not p.empty:
         q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
         assert q3 is not None and k3 is not None and v3 is not None
         g_o3 = p.flat(grad_o, p.n, p.e)
         g_a3 = p.flat(grad_a, p.n, p.m, compute=False)
         a3 = p.flat(a, p.n, p.m, compute=False)
+        g_q3 = None if g_q is None else g_q.view(p.size, p.n, p.d)
+        g_k3 = None if g_k is None else g_k.view(p.size, p.m, p.d)
+        g_v3 = None if g_v is None else g_v.view(p.size, p.m, p.e)
+        prescale = a3 is not None or p.prescale(q3, k3)
         for t in p.tiles():
             mask = p.mask_block(t)
             if a3 is None:
-                a_block = scores_tanh(k3[t.batch, t.cols], q3[t.batch, t.rows], scale)
-                formulas.keep_block_(
+                a_block = scores_tanh(k3[t.batch, t.cols], q3[t.batch, t.rows], scale, prescale)
+                keep_block_(
                     a_block, causal_diagonal=t.causal_diagonal, attn_mask=mask, transposed=True
                 )
             else:
                 a_block = a3[t.batch, t.rows, t.cols].to(p.compute)
-            formulas.vjp_block_(
-                None if g_q is None else g_q[t.batch, t.rows],
-                None if g_k is None else g_k[t.batch, t.cols],
-                None if g_v is None else g_v[t.batch, t.cols],
+            vjp_block_(
+                None if g_q3 is None else g_q3[t.batch, t.rows],
+                None if g_k3 is None else g_k3[t.batch, t.cols],
+                None if g_v3 is None else g_v3[t.batch, t.cols],
                 None if g_o3 is None else g_o3[t.batch, t.rows],
                 None if g_a3 is None else g_a3[t.batch, t.rows, t.cols].to(p.compute),
                 q3[t.batch, t.rows],
@@ -292,9 +352,9 @@ def backward(
                 transposed=transposed,
             )
     return (
-        None if g_q is None else p.unflat(g_q, q),
-        None if g_k is None else p.unflat(g_k, k),
-        None if g_v is None else p.unflat(g_v, v),
+        None if g_q is None else p.reduce(g_q, q),
+        None if g_k is None else p.reduce(g_k, k),
+        None if g_v is None else p.reduce(g_v, v),
     )
 
 
@@ -308,7 +368,7 @@ def jvp(
     v: Tensor,
     attn_mask: Tensor | None = None,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: str = "none",
     *,
     block_rows: int | None = None,
     block_cols: int | None = None,
@@ -322,18 +382,22 @@ def jvp(
     Returns:
         ``t_o`` of shape ``(*batch, n, e)`` (zeros when no tangent is given).
     """
-    p = _Problem(q, k, v, attn_mask, causal, block_rows, block_cols)
-    t_o = torch.zeros(p.size, p.n, p.e, dtype=p.compute, device=q.device)
-    if not p.trivial and not (t_q is None and t_k is None and t_v is None):
+    p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
+    if p.skip and not _all_finite(v, t_v):
+        p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols, skip_causal=False)
+    t_o = p.zeros(p.n, p.e)
+    if not p.empty and not (t_q is None and t_k is None and t_v is None):
         q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
         assert q3 is not None and k3 is not None and v3 is not None
         tq3, tk3, tv3 = p.flat(t_q, p.n, p.d), p.flat(t_k, p.m, p.d), p.flat(t_v, p.m, p.e)
+        t_o3 = t_o.view(p.size, p.n, p.e)
+        prescale = p.prescale(q3, k3)
         for t in p.tiles():
             mask = p.mask_block(t)
-            a_block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale)
-            formulas.keep_block_(a_block, causal_diagonal=t.causal_diagonal, attn_mask=mask)
-            formulas.jvp_block_(
-                t_o[t.batch, t.rows],
+            a_block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale)
+            keep_block_(a_block, causal_diagonal=t.causal_diagonal, attn_mask=mask)
+            jvp_block_(
+                t_o3[t.batch, t.rows],
                 None if tq3 is None else tq3[t.batch, t.rows],
                 None if tk3 is None else tk3[t.batch, t.cols],
                 None if tv3 is None else tv3[t.batch, t.cols],
@@ -346,241 +410,4 @@ def jvp(
                 attn_mask=mask,
                 matmul_t=matmul_t,
             )
-    return t_o.reshape(*p.batch, p.n, p.e).to(q.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# The memory-efficient op: torch.ops.tanh_attention.attn_lean -> o
-# --------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op(f"{NAMESPACE}::attn_lean", mutates_args=())
-def attn_lean(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None = None,
-    scale: float = 1.0,
-    causal: bool = False,
-) -> Tensor:
-    """Tanh attention's output ``o = (M * tanh(scale * q @ k^T)) @ v``, never building ``a``.
-
-    Why: the weights are ``n x m``; at n = m = 32768 they alone take 4 GiB in float32. This op
-    works in blocks and saves only q, k and v for backward, which recomputes each block's
-    tanh, so its extra memory is bounded by the block size.
-
-    Args:
-        q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)`` (batch dims broadcast).
-        attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
-        scale: score multiplier.  causal: keep only ``j <= i``.
-
-    Returns:
-        ``o`` of shape ``(*batch, n, e)``.
-
-    Raises:
-        TypeError, ValueError: bad input, as ``tanh_attention.attn``.
-
-    Example:
-        >>> q, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
-        >>> o = torch.ops.tanh_attention.attn_lean(q, q, v)
-        >>> bool(torch.allclose(o, torch.tanh(q @ q.T) @ v))
-        True
-    """
-    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
-    return forward(q, k, v, attn_mask, scale, causal, need_weights=False)[0]
-
-
-@attn_lean.register_fake
-def _attn_lean_fake(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None = None,
-    scale: float = 1.0,
-    causal: bool = False,
-) -> Tensor:
-    batch = validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
-    return q.new_empty((*batch, q.shape[-2], v.shape[-1]))
-
-
-@torch.library.custom_op(f"{NAMESPACE}::attn_lean_backward", mutates_args=())
-def attn_lean_backward(
-    grad_o: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None,
-    scale: float,
-    causal: bool,
-    needs: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``<grad_o, o>`` w.r.t. the inputs flagged in ``needs``, recomputing ``a``.
-
-    Args:
-        grad_o: ``(*batch, n, e)``.  q, k, v, attn_mask, scale, causal: the forward's.
-        needs: three bools for (q, k, v).
-
-    Returns:
-        ``(g_q, g_k, g_v)`` shaped like q, k, v where ``needs`` asks, else empty ``(0,)``.
-    """
-    grads = backward(grad_o, None, q, k, v, None, attn_mask, scale, causal, needs)
-    return placeholders(grads, (q, k, v), needs)
-
-
-@attn_lean_backward.register_fake
-def _attn_lean_backward_fake(
-    grad_o: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None,
-    scale: float,
-    causal: bool,
-    needs: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    g_q, g_k, g_v = (
-        x.new_empty(x.shape) if need else x.new_empty(0)  # contiguous, as the kernel's
-        for x, need in zip((q, k, v), needs, strict=True)
-    )
-    return g_q, g_k, g_v
-
-
-# The same, as plain differentiable torch code (it builds a): what the transforms that trace
-# through the op see, and the formula of the backward op's own backward.
-
-
-def _attn_lean_formulas(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None = None,
-    scale: float = 1.0,
-    causal: bool = False,
-) -> Tensor:
-    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
-    return formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[0]
-
-
-def _attn_lean_backward_formulas(
-    grad_o: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None,
-    scale: float,
-    causal: bool,
-    needs: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
-    grads = formulas.vjp(
-        grad_o, None, q, k, v, a, attn_mask, scale=scale, causal=causal, needs=needs
-    )
-    return placeholders(grads, (q, k, v), needs)
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd: attn_lean -> attn_lean_backward -> the formulas (plain torch, so it goes on)
-# --------------------------------------------------------------------------------------------
-
-
-def _lean_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    q, k, v, attn_mask, scale, causal = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)  # nothing of size n x m
-    ctx.scale, ctx.causal = scale, causal
-    ctx.set_materialize_grads(False)
-
-
-def _lean_backward_rule(ctx: Any, grad_o: Tensor | None) -> tuple[Any, ...]:
-    needs = [bool(need) and grad_o is not None for need in ctx.needs_input_grad[:3]]
-    if not any(needs):
-        return None, None, None, None, None, None
-    q, k, v, attn_mask = ctx.saved_tensors
-    grads = attn_lean_backward(grad_o, q, k, v, attn_mask, ctx.scale, ctx.causal, needs)
-    g_q, g_k, g_v = (g if need else None for g, need in zip(grads, needs, strict=True))
-    return g_q, g_k, g_v, None, None, None
-
-
-attn_lean.register_autograd(_lean_backward_rule, setup_context=_lean_setup_context)
-
-
-def _lean_backward_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    grad_o, q, k, v, attn_mask, scale, causal, needs = inputs
-    ctx.save_for_backward(grad_o, q, k, v, attn_mask)
-    ctx.scale, ctx.causal, ctx.needs = scale, causal, list(needs)
-    ctx.set_materialize_grads(False)
-
-
-def _lean_backward_backward_rule(
-    ctx: Any, xi_q: Tensor | None, xi_k: Tensor | None, xi_v: Tensor | None
-) -> tuple[Any, ...]:
-    """Double backward, from the differentiable formulas (this builds ``a``, n x m).
-
-    ``formulas.vjp_of_vjp`` gives the cotangent ``d_a`` of ``a``, which here is not an input
-    of the op but a function of q and k: ``formulas.vjp`` with ``grad_a = d_a`` carries it on.
-    """
-    grad_o, q, k, v, attn_mask = ctx.saved_tensors
-    scale, causal = ctx.scale, ctx.causal
-    xi_q, xi_k, xi_v = (
-        xi if need else None for xi, need in zip((xi_q, xi_k, xi_v), ctx.needs, strict=True)
-    )
-    a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
-    d_g_o, _, d_q, d_k, d_v, d_a = formulas.vjp_of_vjp(
-        xi_q, xi_k, xi_v, grad_o, None, q, k, v, a, attn_mask, scale=scale, causal=causal
-    )
-    if d_a is not None:
-        via_q, via_k, _ = formulas.vjp(
-            None, d_a, q, k, v, a, attn_mask, scale=scale, causal=causal, needs=(True, True, False)
-        )
-        assert via_q is not None and via_k is not None
-        d_q = via_q if d_q is None else d_q + via_q
-        d_k = via_k if d_k is None else d_k + via_k
-    return d_g_o, d_q, d_k, d_v, None, None, None, None
-
-
-attn_lean_backward.register_autograd(
-    _lean_backward_backward_rule, setup_context=_lean_backward_setup_context
-)
-
-
-# --------------------------------------------------------------------------------------------
-# vmap rules, autocast, and Autograd kernels for every autograd context (see _registration)
-# --------------------------------------------------------------------------------------------
-
-
-def _attn_lean_with_tangents(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, causal: bool
-) -> Tensor:
-    """Forward-over-reverse: the backward must carry tangents too; AttnFunction's does."""
-    return AttnFunction.apply(q, k, v, attn_mask, scale, causal)[0]
-
-
-def _attn_lean_dual_output(
-    o: Tensor,
-    primals: Sequence[Tensor],
-    tangent: Sequence[Tensor | None],
-    attn_mask: Tensor | None,
-    scale: float,
-    causal: bool,
-) -> Tensor:
-    """Forward AD: ``o`` with its tangent, recomputing the blocks of ``a``."""
-    (t_q, t_k, t_v), (q, k, v) = tangent, primals
-    if torch._C._are_functorch_transforms_active():
-        # Under torch.func (jacfwd = vmap of jvp) the tensors may be batched, which the
-        # in-place block kernels cannot take: the plain formulas can (they build a).
-        a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
-        t_o = formulas.jvp(t_q, t_k, t_v, q, k, v, a, attn_mask, scale=scale, causal=causal)[0]
-    else:
-        t_o = jvp(t_q, t_k, t_v, q, k, v, attn_mask, scale, causal)
-    return fwAD.make_dual(o, t_o)
-
-
-attn_lean.register_vmap(forward_vmap_rule(attn_lean, 0))
-attn_lean_backward.register_vmap(backward_vmap_rule(attn_lean_backward, leading=1))
-register_autocast(attn_lean)
-install_autograd_kernel(
-    attn_lean,
-    forward_autograd_kernel(_attn_lean_formulas, _attn_lean_with_tangents, _attn_lean_dual_output),
-)
-install_autograd_kernel(
-    attn_lean_backward, backward_autograd_kernel(_attn_lean_backward_formulas, 5)
-)
+    return t_o.to(q.dtype)

@@ -1,20 +1,15 @@
 """The two block primitives of the CPU kernels: ``tanh(scale * q @ k^T)`` and ``x @ y^T + c``.
 
-Why tanh is its own kernel: on the 2-core AVX-512 machines this package is benchmarked on,
-``torch.tanh`` costs about 4 ns per float32 element and core (about 6x ``torch.sigmoid``),
-more than the matrix products around it. ``2 * sigmoid(2x) - 1`` is fast but loses all
-relative accuracy near 0 (tanh(1e-8) comes out as 0), and a rational approximation built
-from torch ops needs a dozen passes over the block (``benchmarks/tanh_methods.py`` measures
-the candidates). oneDNN, which the x86 and aarch64 PyTorch wheels ship, can apply tanh in
-the epilogue of its matrix product while the scores are still in registers:
-``torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [], "")`` computes
-``tanh(q @ k^T)`` for little more than the product alone (about 0.45 ns per element and
-core), within about 1.2 float32 ulp of the exact tanh (``tests/test_tanh_accuracy.py`` sweeps
-float32 densely and requires 4 ulp). Nothing is compiled on install or at run time.
-
-The same oneDNN product without the epilogue also computes the backward's ``g_o @ v^T``
-faster than ``torch.matmul`` for these thin shapes (K = 64) on two threads; :func:`matmul_t`
-uses it.
+Why tanh is its own kernel: on the CPUs this package is benchmarked on, ``torch.tanh`` costs
+more than the matrix products around it, and ``2 * sigmoid(2x) - 1`` is fast but loses all
+relative accuracy near 0 (tanh(1e-8) comes out as 0); ``benchmarks/tanh_methods.py`` measures
+the candidates and benchmarks/RESULTS.md holds the figures. oneDNN, which the x86 and
+aarch64 PyTorch wheels ship, can apply tanh in the epilogue of its matrix product while the
+scores are still in registers (``torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [],
+"")`` computes ``tanh(q @ k^T)``), within a few float32 ulp of the exact tanh
+(``tests/test_tanh_accuracy.py`` sweeps float32 densely and requires 4 ulp). Nothing is
+compiled on install or at run time. The same oneDNN product without the epilogue computes the
+backward's ``g_o @ v^T``; :func:`matmul_t` uses it.
 
 The oneDNN path is taken only where a probe on first use shows it runs and is accurate for
 the dtype (float32, and bfloat16 where the CPU supports it); otherwise a block is computed
@@ -27,6 +22,9 @@ import functools
 
 import torch
 from torch import Tensor
+
+from .._torch_private import linear_pointwise
+from ..formulas import scaled
 
 __all__ = ["matmul_t", "scores_tanh", "tanh_method"]
 
@@ -45,24 +43,24 @@ def _ulp_error(got: Tensor, x: Tensor) -> Tensor:
     return (got.double() - exact).abs() / spacing.double()
 
 
-def _onednn_tanh_scores(q: Tensor, k: Tensor) -> Tensor:
-    """``tanh(q @ k^T)`` by oneDNN: q ``(..., n, d)``, k ``(m, d)``; tanh in the GEMM epilogue."""
-    return torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [], "")
+def _onednn(x: Tensor, w: Tensor, attr: str) -> Tensor:
+    """``attr(x @ w^T)`` by oneDNN: x ``(..., n, d)``, w ``(m, d)``; attr in the GEMM epilogue."""
+    op = linear_pointwise()
+    assert op is not None  # callers check _onednn_reason first
+    return op(x, w, None, attr, [], "")
 
 
 @functools.cache
 def _onednn_reason(dtype: torch.dtype) -> str | None:
     """Why oneDNN's fused tanh cannot serve ``dtype`` on this machine, or None if it can."""
-    if not torch.backends.mkldnn.is_available():
-        return "PyTorch was built without oneDNN (mkldnn)"
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return "this PyTorch build has no torch.ops.mkldnn._linear_pointwise"
+    if linear_pointwise() is None:
+        return "this PyTorch build has no oneDNN matmul with fused epilogue (mkldnn)"
     if dtype not in (torch.float32, torch.bfloat16):
         return f"oneDNN's fused tanh is not used for {dtype}"
     mag = torch.logspace(-30, torch.log10(torch.tensor(20.0)).item(), _PROBE_POINTS // 2)
     x = torch.cat([-mag.flip(0), torch.zeros(1), mag])
     try:
-        got = _onednn_tanh_scores(x.to(dtype).unsqueeze(-1), torch.ones(1, 1, dtype=dtype))
+        got = _onednn(x.to(dtype).unsqueeze(-1), torch.ones(1, 1, dtype=dtype), "tanh")
     except RuntimeError as err:  # oneDNN has no kernel for this dtype on this CPU
         return f"oneDNN cannot run it here ({str(err).splitlines()[0]})"
     got = got.squeeze(-1).float()
@@ -106,22 +104,33 @@ def _fused(x: Tensor, y: Tensor) -> bool:
     )
 
 
-def scores_tanh(q: Tensor, k: Tensor, scale: float) -> Tensor:
+def scores_tanh(q: Tensor, k: Tensor, scale: float, prescale: bool = True) -> Tensor:
     """``tanh(scale * q @ k^T)`` for one block, in a new tensor.
 
     Args:
         q: ``(G, n, d)`` queries of ``G`` problems.
         k: ``(G, m, d)`` or ``(1, m, d)`` keys (the latter shared by all ``G`` problems).
         scale: multiplies the scores.
+        prescale: scale q before the product (faster: tanh stays in oneDNN's epilogue). The
+            caller passes False where ``scale * q`` could overflow although ``q @ k^T`` does
+            not; then the product is scaled afterwards.
 
     Returns:
         ``(G, n, m)`` in q's dtype. The oneDNN path needs one key matrix for the block; a
         block of several problems with their own keys (only tiny problems are batched that
         way, see ``blockwise``) takes the torch path.
+
+    Example:
+        >>> q, k = torch.randn(1, 3, 2), torch.randn(1, 4, 2)
+        >>> got = scores_tanh(q, k, 0.5)
+        >>> bool(torch.allclose(got, torch.tanh(0.5 * q @ k.mT), atol=1e-6))
+        True
     """
+    if not prescale:
+        return scaled(torch.matmul(q, k.mT), scale).tanh_()
     qs = q * scale if scale != 1.0 else q
     if _fused(qs, k):
-        return _onednn_tanh_scores(qs, k[0])
+        return _onednn(qs, k[0], "tanh")
     return torch.matmul(qs, k.mT).tanh_()
 
 
@@ -138,7 +147,7 @@ def matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
     if _fused(x, y):
         # oneDNN's own "add" epilogue (_linear_pointwise.binary) is slower than a separate
         # in-place add here, by far when ``add`` is a strided block of g_a: it copies it.
-        out = torch.ops.mkldnn._linear_pointwise(x, y[0], None, "none", [], "")
+        out = _onednn(x, y[0], "none")
         return out if add is None else out.add_(add)
     if add is None:
         return torch.matmul(x, y.mT)

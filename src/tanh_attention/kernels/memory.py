@@ -10,11 +10,8 @@ buffer, and the block buffers stay in the heap. It is a hint: on other systems, 
 allocators, it changes nothing.
 
 The with-weights forward's ``a`` is a plain ``torch.empty``. Asking the kernel for 2 MiB pages
-for it (``madvise(MADV_HUGEPAGE)``) was tried and dropped because its cost is erratic:
-``.venv/bin/python benchmarks/hugepages.py --n 8192 --runs 8`` on the project's 2-core
-AVX-512 machine (2026-11-27) allocated and wrote a fresh 256 MiB buffer in 92-121 ms with
-plain pages, and in 19-24 ms with huge pages except for one run in eight alone and three in
-eight with the composite run in between, which took 321-392 ms.
+for it (``madvise(MADV_HUGEPAGE)``) was tried and dropped because its cost is erratic
+(``benchmarks/hugepages.py`` measures it; benchmarks/RESULTS.md has the figures).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """``tanh-attention train``: the same small Transformer trained with tanh and softmax attention.
 
-The task is multi-query associative recall (:class:`tanh_attention.models.RecallTask`),
-generated on the fly from a fixed seed. Each model trains in a fresh subprocess (so its peak
-memory is its own) with the same sizes, seed, data stream and step budget; the command then
-reports, side by side, the final training loss, the loss and accuracy on held-out sequences,
-the wall time and the peak memory, and plots both loss curves.
+The task is multi-query associative recall
+(:class:`tanh_attention.tools.models.RecallTask`), generated on the fly from a fixed seed.
+Each model trains in a fresh subprocess (so its peak memory is its own) with the same sizes,
+seed, data stream and step budget; the command then reports, side by side, the final
+training loss, the loss and accuracy on held-out sequences, the wall time and the peak
+memory, and plots both loss curves.
 
 The model uses a token shift, the trick tanh attention needs on this task; ``--no-token-shift``
 reproduces the failure without it (``docs/training.md`` has the measurements).
@@ -55,8 +56,8 @@ class TrainConfig:
         tanh_scale: score scale of tanh attention; None for ``1 / sqrt(head_dim)``.
         threads: torch intra-op threads in each worker (0: torch's default, all cores). One
             is the default: these small models gain little from a second thread, and on a
-            busy machine torch's default runs them 10-30 times slower (its threads wait on
-            each other).
+            busy machine torch's default runs them much slower, its threads waiting on each
+            other (``docs/training.md`` has the measurements).
     """
 
     steps: int = 1500
@@ -244,9 +245,9 @@ def _train_in_subprocess(config: TrainConfig, kind: str, on_step: Any) -> dict[s
     import tempfile
 
     env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1])  # this package's parent, for the child
+    src = str(Path(__file__).resolve().parents[2])  # the tanh_attention package's parent
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    code = "from tanh_attention.train import _worker_main; _worker_main()"
+    code = "from tanh_attention.tools.train import _worker_main; _worker_main()"
     with tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-c", code],

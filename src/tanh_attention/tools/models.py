@@ -210,7 +210,7 @@ def attention_factory(kind: str, *, scale: float | None = None) -> AttentionFact
 
         return softmax
     if kind == "tanh":
-        from .nn import MultiheadTanhAttention
+        from ..nn import MultiheadTanhAttention
 
         def tanh(d: int, h: int) -> nn.Module:
             return MultiheadTanhAttention(d, h, batch_first=True, scale=scale)

@@ -1,8 +1,9 @@
-"""Stage 3: the composite operator ``torch.ops.tanh_attention.attn_composite``, the oracle.
+"""Stage 3: the composite operator ``torch.ops.tanh_attention.attn_composite``.
 
 Registered as CompositeImplicitAutograd: it is built from differentiable aten ops
 (``formulas.forward``), so autograd, forward AD, vmap and compile all derive its behaviour from
-those parts. Every other implementation is tested against it.
+those parts. It runs on every device and in every context, which makes it the dispatcher's
+fallback; the tests check it, like every other path, against an independent reference.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ __all__ = ["attn_composite"]
 
 NAMESPACE = "tanh_attention"
 
-# One DEF library per namespace; ops.py adds to the namespace with FRAGMENT. The Library
-# object must stay referenced for the op to stay registered.
+# One DEF library per namespace (ops.py's custom ops add to it). The Library object must stay
+# referenced for the op to stay registered.
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(
     "attn_composite(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
-    "float scale=1.0, bool causal=False) -> (Tensor, Tensor)"
+    "float scale=1.0, str causal='none') -> (Tensor, Tensor)"
 )
 
 
@@ -32,17 +33,18 @@ def attn_composite(
     v: Tensor,
     attn_mask: Tensor | None = None,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: str = "none",
 ) -> tuple[Tensor, Tensor]:
     """The composite tanh attention: ``a = M * tanh(scale * q @ k^T)``, ``o = a @ v``.
 
     Args:
         q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
         attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
-        scale: score multiplier.  causal: keep only ``j <= i``.
+        scale: score multiplier.  causal: ``"none"``, ``"top_left"`` or ``"bottom_right"``.
 
     Returns:
-        ``(o, a)``: ``(*batch, n, e)`` and ``(*batch, n, m)``.
+        ``(o, a)``: ``(*batch, n, e)`` and ``(*weights_batch, n, m)`` (the batch of q, k and
+        the mask).
 
     Example:
         >>> q, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)

@@ -189,9 +189,10 @@ def _torch_runner(impl: str, config: Config, x: dict[str, Any]) -> Callable[[], 
     import tanh_attention
 
     q, k, v, scale, causal = x["q"], x["k"], x["v"], x["scale"], config.causal
+    variant = "top_left" if causal else "none"  # the composite op's causal argument
 
     def composite(q: Any, k: Any, v: Any) -> Any:
-        o, a = torch.ops.tanh_attention.attn_composite(q, k, v, None, scale, causal)
+        o, a = torch.ops.tanh_attention.attn_composite(q, k, v, None, scale, variant)
         return (o, a) if config.weights else (o,)
 
     def ours(q: Any, k: Any, v: Any) -> Any:
@@ -372,7 +373,7 @@ def memory_probe(impl: str, config: Config) -> dict[str, Any]:
 def _measure_memory(impl: str, config: Config, threads: int) -> float | None:
     code = (
         f"import json, sys, torch; torch.set_num_threads({threads}); "
-        "from tanh_attention.bench import Config, memory_probe; "
+        "from tanh_attention.tools.bench import Config, memory_probe; "
         "c = json.loads(sys.argv[1]); c['batch'] = tuple(c['batch']); "
         "print(json.dumps(memory_probe(sys.argv[2], Config(**c))))"
     )
@@ -425,7 +426,7 @@ def machine_info() -> dict[str, Any]:
                 info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))
     except OSError:
         pass
-    from .kernels.cpu import tanh_method
+    from ..kernels.cpu import tanh_method
 
     info["tanh_method_float32"] = tanh_method(torch.float32)[0]
     return info
@@ -874,7 +875,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main(argv: Iterable[str] | None = None) -> int:  # python -m tanh_attention.bench
+def _main(argv: Iterable[str] | None = None) -> int:  # python -m tanh_attention.tools.bench
     parser = argparse.ArgumentParser(prog="tanh-attention bench")
     add_arguments(parser)
     return run(parser.parse_args(list(argv) if argv is not None else None))

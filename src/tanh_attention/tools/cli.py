@@ -15,9 +15,15 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 _SUBCOMMANDS = {
-    "check": ("tanh_attention.check", "verify every implementation available on this machine"),
-    "bench": ("tanh_attention.bench", "benchmark against the composite, compile and JAX"),
-    "train": ("tanh_attention.train", "train a small Transformer with tanh vs softmax attention"),
+    "check": (
+        "tanh_attention.tools.check",
+        "verify every implementation available on this machine",
+    ),
+    "bench": ("tanh_attention.tools.bench", "benchmark against the composite, compile and JAX"),
+    "train": (
+        "tanh_attention.tools.train",
+        "train a small Transformer with tanh vs softmax attention",
+    ),
 }
 
 

@@ -1,0 +1,127 @@
+"""Every use of private PyTorch API, each behind a fallback.
+
+The package needs a few things PyTorch 2.13 offers only privately:
+
+- replacing a ``custom_op``'s generated Autograd kernel (``make_autograd_impl``,
+  ``CustomOpDef._opoverload`` / ``_lib`` / ``_name``), so that forward AD and ``torch.func``
+  reverse mode give the right answers through the explicit ops (torch 2.13's own kernel
+  drops tangents silently and fails under ``torch.func.grad``);
+- whether a ``torch.func`` reverse-mode transform is processing the current op (the
+  functorch interpreter stack), and whether a tensor is a functorch wrapper;
+- oneDNN's matmul with a fused elementwise epilogue (``torch.ops.mkldnn._linear_pointwise``),
+  the fast ``tanh(q @ k^T)`` of the CPU kernels.
+
+If any of it is missing, ``import tanh_attention`` still works: :data:`AUTOGRAD_KERNEL_REASON`
+says why the explicit ops cannot serve forward AD and ``torch.func`` (the dispatcher then
+sends such calls to the composite, which needs none of this), and :func:`linear_pointwise`
+returns None (the CPU kernels then use ``torch.matmul`` and ``torch.tanh``).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+__all__ = [
+    "AUTOGRAD_KERNEL_REASON",
+    "functorch_active",
+    "install_autograd_kernel",
+    "is_functorch_wrapped",
+    "linear_pointwise",
+    "tangents",
+    "under_functorch_grad",
+]
+
+
+def _autograd_kernel_reason() -> str | None:
+    try:
+        from torch._library.autograd import make_autograd_impl  # noqa: F401
+        from torch._library.custom_ops import CustomOpDef
+    except ImportError as err:
+        return f"this PyTorch has no torch._library.autograd.make_autograd_impl ({err})"
+    if not all(hasattr(CustomOpDef, name) for name in ("register_autograd", "register_kernel")):
+        return "this PyTorch's CustomOpDef lacks register_autograd/register_kernel"
+    if not hasattr(torch._C, "_functorch") or not hasattr(
+        torch._C._functorch, "get_interpreter_stack"
+    ):
+        return "this PyTorch has no torch._C._functorch.get_interpreter_stack"
+    return None
+
+
+# Why the explicit ops cannot serve forward AD and torch.func here, or None if they can.
+AUTOGRAD_KERNEL_REASON: str | None = _autograd_kernel_reason()
+
+
+def install_autograd_kernel(op: Any, kernel: Callable[..., Any]) -> bool:
+    """Replace ``op``'s Autograd kernel by ``kernel(generated, keyset, *args)``.
+
+    ``generated`` is the kernel ``register_autograd`` made (plain reverse mode). Returns False,
+    changing nothing, where this PyTorch lacks what it needs (:data:`AUTOGRAD_KERNEL_REASON`).
+    """
+    if AUTOGRAD_KERNEL_REASON is not None:
+        return False
+    from torch._library.autograd import make_autograd_impl
+
+    generated = make_autograd_impl(op._opoverload, op)
+    with warnings.catch_warnings():
+        # Replacing the kernel is the point; torch warns about any override.
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        op._lib.impl(
+            op._name,
+            functools.partial(kernel, generated),
+            "Autograd",
+            with_keyset=True,
+            allow_override=True,
+        )
+    return True
+
+
+def tangents(tensors: tuple[Tensor | None, ...]) -> list[Tensor | None] | None:
+    """The forward-AD tangents the tensors carry at the innermost level, or None if none does.
+
+    Reads only the tensors (a tensor made dual in another thread's level carries nothing
+    here), so a call that carries no tangent takes the plain path whatever other threads do.
+    """
+    if not torch._C._is_fwd_grad_enabled():
+        return None
+    found = [None if t is None else fwAD.unpack_dual(t).tangent for t in tensors]
+    return found if any(t is not None for t in found) else None
+
+
+def under_functorch_grad() -> bool:
+    """True while a ``torch.func`` reverse-mode transform (grad, vjp, jacrev) processes the op.
+
+    The interpreter stack is per thread.
+    """
+    if AUTOGRAD_KERNEL_REASON is not None:
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and stack[-1].key() == torch._C._functorch.TransformType.Grad
+
+
+def functorch_active() -> bool:
+    """True inside any ``torch.func`` transform in this thread (vmap, grad, jvp, ...)."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
+def is_functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` wrapper (batched by vmap, or tracked by grad/jvp)."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
+@functools.cache
+def linear_pointwise() -> Callable[..., Tensor] | None:
+    """oneDNN's ``_linear_pointwise(x, w, bias, attr, scalars, algorithm)``: ``attr(x @ w^T)``
+    with the elementwise ``attr`` ("tanh", "none", ...) in the product's epilogue; None where
+    this PyTorch build has no oneDNN or no such op."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)

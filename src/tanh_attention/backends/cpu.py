@@ -1,0 +1,42 @@
+"""The CPU backend: the explicit ops ``torch.ops.tanh_attention.attn`` (with weights) and
+``attn_lean`` (o only, nothing of size ``n x m``), on the blocked CPU kernels
+(``kernels/blockwise.py``). Every autograd order, forward AD, ``torch.func``, vmap,
+``torch.compile`` and ``torch.export`` go through the ops' registrations (``ops.py``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from .. import _torch_private, ops
+from . import Backend, Inputs
+
+__all__ = ["CpuBackend"]
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    description = (
+        "stage 4, torch.ops.tanh_attention.attn / attn_lean: custom ops on blocked CPU "
+        "kernels (oneDNN's fused tanh where accurate); o-only path never builds n x m"
+    )
+    device_types: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    memory_efficient = True
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        reasons = super().not_supported_reasons(inputs)
+        why = _torch_private.AUTOGRAD_KERNEL_REASON
+        if why is not None and (
+            _torch_private.functorch_active()
+            or _torch_private.tangents((inputs.q, inputs.k, inputs.v)) is not None
+        ):
+            reasons.append(f"forward AD and torch.func need private torch API here: {why}")
+        return reasons
+
+    def __call__(self, inputs: Inputs) -> tuple[Tensor, Tensor | None]:
+        args = (inputs.q, inputs.k, inputs.v, inputs.attn_mask, inputs.scale, inputs.causal)
+        if inputs.need_weights:
+            o, a = ops.attn.forward(*args)
+            return o, a
+        return ops.attn_lean.forward(*args), None

@@ -1,0 +1,187 @@
+"""The formulas of ``formulas.py`` on one block of the ``n x m`` matrices, in place.
+
+Each function takes rows ``i0:i1`` and columns ``j0:j1`` of the n x m matrices, accumulates the
+block's contribution into buffers the caller owns and does its elementwise work in the one
+block buffer it makes. Every tensor is ``(G, rows, features)``: G problems with equal shapes,
+no broadcasting. The block's tanh is not computed here (``kernels/cpu.py`` does it in the
+matmul's epilogue), and the products ``x @ y^T (+ c)`` go through ``matmul_t``, which a
+caller may pass a faster one for. In-place updates make these functions non-differentiable:
+the drivers (``kernels/blockwise.py``) call them with autograd off, outside vmap.
+``tests/test_kernels.py`` checks them against an independent float64 reference.
+
+A block's keep-mask is ``M[i0:i1, j0:j1]``: ``causal_diagonal`` is ``i0 - j0 + D`` (D the
+variant's diagonal, ``formulas.causal_diagonal``) when the causal boundary crosses the block
+(entry (r, c) is kept iff ``j0 + c <= i0 + r + D``, i.e. tril with that diagonal) and None
+when causal keeps the whole block; ``attn_mask`` is the mask's block.
+
+``transposed=True`` holds a block as its transpose, ``(G, cols, rows)``: the same entries, so
+the same masks (given as for the untransposed block), but then two of the backward's three
+products read the block without transposing it, which makes the recomputing backward
+faster (docs/derivation.md section 8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["MatmulT", "forward_block_", "jvp_block_", "keep_block_", "vjp_block_"]
+
+
+def _matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
+    """``x @ y^T + add`` in a new tensor (``add`` None: no term)."""
+    return torch.matmul(x, y.mT) if add is None else torch.baddbmm(add, x, y.mT)
+
+
+MatmulT = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def keep_block_(
+    s: Tensor,
+    *,
+    causal_diagonal: int | None,
+    attn_mask: Tensor | None,
+    transposed: bool = False,
+) -> Tensor:
+    """In place: ``M * s`` for one block ``s`` (see the block-form notes above); returns ``s``.
+
+    With ``transposed``, ``s`` holds the block's transpose: entry (c, r) is kept iff
+    ``j0 + c <= i0 + r``, i.e. ``triu`` with diagonal ``-(i0 - j0)``, and ``attn_mask`` (the
+    untransposed block's) is read transposed.
+    """
+    if causal_diagonal is not None:
+        if transposed:
+            s.triu_(-causal_diagonal)
+        else:
+            s.tril_(causal_diagonal)
+    if attn_mask is not None:
+        s.masked_fill_((attn_mask.mT if transposed else attn_mask).logical_not(), 0)
+    return s
+
+
+def forward_block_(
+    o: Tensor,
+    a: Tensor,
+    v: Tensor,
+    *,
+    causal_diagonal: int | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """One block of ``formulas.forward``, given ``tanh(x)`` of the block in ``a``::
+
+        a = M * a        (in place)        o += a @ v
+
+    Args:
+        o: ``(G, rows, e)`` accumulator for the block's rows of ``o``.
+        a: ``(G, rows, cols)``, ``tanh(scale * q_i @ k_j^T)`` on entry, the block of ``a`` on
+            return.
+        v: ``(G, cols, e)``, the block's rows of ``v``.
+        causal_diagonal, attn_mask: the block's keep-mask.
+
+    Returns:
+        ``a``, masked.
+    """
+    keep_block_(a, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
+    o.baddbmm_(a, v)
+    return a
+
+
+def vjp_block_(
+    g_q: Tensor | None,
+    g_k: Tensor | None,
+    g_v: Tensor | None,
+    g_o: Tensor | None,
+    g_a: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    *,
+    scale: float = 1.0,
+    causal_diagonal: int | None = None,
+    attn_mask: Tensor | None = None,
+    matmul_t: MatmulT = _matmul_t,
+    transposed: bool = False,
+) -> None:
+    """One block of ``formulas.vjp``, accumulated into the gradient buffers::
+
+        G    = g_o @ v^T + g_a                  (one new block buffer)
+        g_x  = M * G * (1 - a^2)                (in place in G)
+        g_q += scale * g_x @ k     g_k += scale * g_x^T @ q     g_v += a^T @ g_o
+
+    or, with ``transposed``, the same on the transposed block (``G^T = v @ g_o^T + g_a^T``,
+    then ``g_q += scale * (g_x^T)^T @ k``, ``g_k += scale * g_x^T @ q``, ``g_v += a^T @ g_o``):
+    only ``g_q``'s product then reads a block transposed.
+
+    Args:
+        g_q, g_k, g_v: accumulators ``(G, rows, d)``, ``(G, cols, d)``, ``(G, cols, e)`` for
+            the block's rows of each gradient, or None where that gradient is not wanted.
+        g_o: ``(G, rows, e)`` or None.  g_a: ``(G, rows, cols)`` (transposed: ``(G, cols,
+            rows)``) or None (absent terms are dropped, as in ``formulas.vjp``; both None is a
+            no-op).
+        q: ``(G, rows, d)``.  k: ``(G, cols, d)``.  v: ``(G, cols, e)``.
+        a: ``(G, rows, cols)`` (transposed: ``(G, cols, rows)``), the block of ``a`` (masked
+            entries 0). Not modified.
+        scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
+        matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
+        transposed: ``a``, ``g_a`` and the block buffer are held transposed.
+    """
+    # a_rc, g_rc: views of the blocks as (rows, cols), however they are held.
+    a_rc = a.mT if transposed else a
+    if (g_q is not None or g_k is not None) and (g_o is not None or g_a is not None):
+        if g_o is None:
+            assert g_a is not None
+            g = torch.ops.aten.tanh_backward(g_a, a)
+        else:
+            g = matmul_t(v, g_o, g_a) if transposed else matmul_t(g_o, v, g_a)
+            torch.ops.aten.tanh_backward.grad_input(g, a, grad_input=g)
+        keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
+        g_rc = g.mT if transposed else g
+        if g_q is not None:
+            g_q.baddbmm_(g_rc, k, alpha=scale)
+        if g_k is not None:
+            g_k.baddbmm_(g_rc.mT, q, alpha=scale)
+    if g_v is not None and g_o is not None:
+        g_v.baddbmm_(a_rc.mT, g_o)
+
+
+def jvp_block_(
+    t_o: Tensor,
+    t_q: Tensor | None,
+    t_k: Tensor | None,
+    t_v: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    *,
+    scale: float = 1.0,
+    causal_diagonal: int | None = None,
+    attn_mask: Tensor | None = None,
+    matmul_t: MatmulT = _matmul_t,
+) -> None:
+    """One block of ``formulas.jvp``'s ``t_o``, accumulated into ``t_o``::
+
+        t_x/scale = t_q @ k^T + q @ t_k^T        (one new block buffer)
+        t_o += scale * (M * (1 - a^2) * t_x/scale) @ v  +  a @ t_v
+
+    Args:
+        t_o: ``(G, rows, e)`` accumulator for the block's rows of ``t_o``.
+        t_q, t_k, t_v: the blocks of the input tangents (None when absent).
+        q, k, v, a: as in :func:`vjp_block_`.
+        scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
+        matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
+    """
+    t = None
+    if t_q is not None:
+        t = matmul_t(t_q, k, None)
+    if t_k is not None:
+        t = matmul_t(q, t_k, None) if t is None else t.baddbmm_(q, t_k.mT)
+    if t is not None:
+        torch.ops.aten.tanh_backward.grad_input(t, a, grad_input=t)
+        keep_block_(t, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
+        t_o.baddbmm_(t, v, alpha=scale)
+    if t_v is not None:
+        t_o.baddbmm_(a, t_v)
