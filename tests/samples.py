@@ -42,12 +42,16 @@ def reference(
     scale: float = 1.0,
     causal: bool | str = "none",
 ) -> tuple[Tensor, Tensor]:
-    """tanh attention from its definition: where(keep, tanh(q k^T * scale), 0) @ v."""
+    """tanh attention from its definition: tanh(where(keep, q k^T * scale, 0)) @ v.
+
+    Masked scores are replaced before tanh, so a masked entry has a = 0 and gradient exactly
+    0 even where its score is NaN (masking after tanh would give 0 * (1 - NaN^2) = NaN).
+    """
     x = torch.matmul(q, k.transpose(-1, -2)) * scale
     keep = keep_mask(x.shape[-2], x.shape[-1], causal, q.device)
     if attn_mask is not None:
         keep = keep & attn_mask
-    a = torch.where(keep, torch.tanh(x), torch.zeros((), dtype=x.dtype))
+    a = torch.tanh(torch.where(keep, x, torch.zeros((), dtype=x.dtype)))
     return torch.matmul(a, v), a
 
 

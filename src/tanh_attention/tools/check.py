@@ -102,7 +102,8 @@ def _reference(
         keep &= cols <= rows + (m - n)
     if attn_mask is not None:
         keep = keep & attn_mask
-    a = torch.where(keep, torch.tanh(x), torch.zeros((), dtype=x.dtype, device=x.device))
+    # Masked before tanh: a masked entry's gradient is then 0 even where its score is NaN.
+    a = torch.tanh(torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)))
     return a @ v, a
 
 
