@@ -8,6 +8,7 @@ The package needs a few things PyTorch 2.13 offers only privately:
   drops tangents silently and fails under ``torch.func.grad``);
 - whether a ``torch.func`` reverse-mode transform is processing the current op (the
   functorch interpreter stack), and whether a tensor is a functorch wrapper;
+- a data-dependent assertion inside a compiled graph (``torch._assert_async``);
 - oneDNN's matmul with a fused elementwise epilogue (``torch.ops.mkldnn._linear_pointwise``),
   the fast ``tanh(q @ k^T)`` of the CPU kernels.
 
@@ -30,6 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "AUTOGRAD_KERNEL_REASON",
+    "assert_async",
     "functorch_active",
     "install_autograd_kernel",
     "is_functorch_wrapped",
@@ -125,3 +127,12 @@ def linear_pointwise() -> Callable[..., Tensor] | None:
     if not torch.backends.mkldnn.is_available():
         return None
     return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+def assert_async(condition: Tensor, message: str) -> None:
+    """Assert a 0-d bool tensor inside a compiled graph (no data-dependent Python branch);
+    it raises RuntimeError with ``message`` when the graph runs. Where this PyTorch has no
+    ``torch._assert_async``, nothing is asserted."""
+    check = getattr(torch, "_assert_async", None)
+    if check is not None:
+        check(condition, message)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _torch_private
 from ._checks import validate_scale
 from .api import attn
 
@@ -333,7 +334,7 @@ class MultiheadTanhAttention(nn.Module):
         if torch.compiler.is_compiling():
             # No data-dependent Python branch in a graph: a runtime assertion instead
             # (it raises RuntimeError with the same message).
-            torch._assert_async(valid, message)
+            _torch_private.assert_async(valid, message)
         elif not bool(valid):
             raise ValueError(message)
         return keep
