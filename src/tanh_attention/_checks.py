@@ -24,6 +24,7 @@ __all__ = [
     "Shapes",
     "normalize_causal",
     "validate_attn_inputs",
+    "validate_layout",
     "validate_scale",
 ]
 
@@ -64,15 +65,20 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _validate_layout(name: str, t: Tensor) -> None:
+def validate_layout(name: str, t: Tensor, where: str = "attn()") -> None:
+    """A dense (strided) tensor: nested and sparse tensors are refused by name.
+
+    Raises:
+        TypeError: ``t`` is nested or not strided (sparse COO, CSR, ...).
+    """
     if t.is_nested:
         raise TypeError(
-            f"attn(): argument '{name}' is a nested tensor, which attn does not support. "
-            f"Pad it to a regular tensor (and mask the padding with attn_mask) first."
+            f"{where}: argument '{name}' is a nested tensor, which is not supported. "
+            f"Pad it to a regular tensor (and mask the padding) first."
         )
     if t.layout != torch.strided:
         raise TypeError(
-            f"attn(): expected '{name}' to be a dense (strided) tensor, but got "
+            f"{where}: expected '{name}' to be a dense (strided) tensor, but got "
             f"{name}.layout={t.layout}. Try {name}.to_dense()."
         )
 
@@ -83,7 +89,7 @@ def _validate_tensor(name: str, t: object) -> Tensor:
             f"attn(): argument '{name}' must be a torch.Tensor, but got {type(t).__name__}. "
             f"Try torch.as_tensor({name}, dtype=torch.float32)."
         )
-    _validate_layout(name, t)
+    validate_layout(name, t)
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"attn(): expected '{name}' to have a floating dtype in ({_DTYPE_NAMES}), "
@@ -210,7 +216,7 @@ def _validate_mask(attn_mask: object, q: Tensor, batch: tuple[int, ...], m: int)
             "attn(): argument 'attn_mask' must be a boolean torch.Tensor or None, but got "
             f"{type(attn_mask).__name__}."
         )
-    _validate_layout("attn_mask", attn_mask)
+    validate_layout("attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool:
         raise TypeError(
             "attn(): expected 'attn_mask' to be a boolean mask (True = takes part), but got "

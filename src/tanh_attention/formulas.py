@@ -56,7 +56,11 @@ def causal_diagonal(causal: str, n: int, m: int) -> int | None:
     """
     if causal == "none":
         return None
-    return 0 if causal == "top_left" else m - n
+    if causal == "top_left":
+        return 0
+    if causal == "bottom_right":
+        return m - n
+    raise ValueError(f"causal must be 'none', 'top_left' or 'bottom_right', got {causal!r}")
 
 
 def keep(s: Tensor, *, causal: str, attn_mask: Tensor | None) -> Tensor:
@@ -284,7 +288,7 @@ def vjp_of_vjp(
     if xi_v is not None and g_o is not None:
         d_g_o_v = torch.matmul(a, xi_v)
         d_g_o = d_g_o_v if d_g_o is None else d_g_o + d_g_o_v
-        d_a_v = torch.matmul(g_o, xi_v.mT)
+        d_a_v = _sum_to(torch.matmul(g_o, xi_v.mT), a.shape)  # v may bring batch dims
         d_a = d_a_v if d_a is None else d_a + d_a_v
     if d_g_o is not None:
         assert g_o is not None

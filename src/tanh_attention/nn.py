@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _torch_private
-from ._checks import validate_scale
+from ._checks import validate_layout, validate_scale
 from .api import attn
 
 __all__ = ["MultiheadTanhAttention"]
@@ -243,11 +243,7 @@ class MultiheadTanhAttention(nn.Module):
                 raise TypeError(
                     f"{_FWD}: argument '{name}' must be a torch.Tensor, but got {type(t).__name__}."
                 )
-            if t.is_nested:
-                raise TypeError(
-                    f"{_FWD}: argument '{name}' is a NestedTensor, which is not supported. "
-                    "Pad the sequences and pass key_padding_mask instead."
-                )
+            validate_layout(name, t, _FWD)
         assert isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
         if query.dim() not in (2, 3):
             raise ValueError(
@@ -305,6 +301,7 @@ class MultiheadTanhAttention(nn.Module):
                 f"{_FWD}: argument '{name}' must be a torch.Tensor or None, "
                 f"but got {type(mask).__name__}."
             )
+        validate_layout(name, mask, _FWD)
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise TypeError(
                 f"{_FWD}: expected '{name}' to be a bool mask (True = not allowed) or a float "

@@ -131,8 +131,10 @@ def _backward_body(kernels: Kernels) -> Callable[..., tuple[Tensor, Tensor, Tens
     return body
 
 
-def _no_kernel(name: str) -> Callable[..., Any]:
+def _no_kernel(name: str, forward: bool) -> Callable[..., Any]:
     def body(*args: Any) -> Any:
+        if forward:
+            _validate(args)  # a sparse or nested tensor lands here: name it
         device = next(a.device.type for a in args if isinstance(a, Tensor))
         raise NotImplementedError(
             f"torch.ops.{NAMESPACE}.{name} has no kernel for {device} tensors. "
@@ -332,6 +334,8 @@ def _forward_autograd_kernel(pair: OpPair, kernels_jvp: Callable[..., Tensor]) -
     forward_formulas = _forward_formulas(weights)
 
     def kernel(generated: Any, keyset: Any, *args: Any) -> Any:
+        # First, so that a nested or sparse tensor (which has no kernel) is refused by name.
+        _validate(args)
         q, k, v = args[:3]
         attn_mask, scale, causal = _forward_extras(args[3:])
         if _torch_private.under_functorch_grad():
@@ -399,13 +403,13 @@ def declare_op_pair(name: str, *, weights: bool, kernels: Mapping[str, Kernels])
     out = "(Tensor, Tensor)" if weights else "Tensor"
     forward = torch.library.custom_op(
         f"{NAMESPACE}::{name}",
-        _no_kernel(name),
+        _no_kernel(name, forward=True),
         mutates_args=(),
         schema=f"({_FORWARD_ARGS}) -> {out}",
     )
     backward = torch.library.custom_op(
         f"{NAMESPACE}::{name}_backward",
-        _no_kernel(f"{name}_backward"),
+        _no_kernel(f"{name}_backward", forward=False),
         mutates_args=(),
         schema=_BACKWARD_SCHEMA,
     )
