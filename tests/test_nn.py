@@ -655,5 +655,5 @@ def test_forward_errors(kwargs: dict[str, Any], error: type, match: str) -> None
 def test_nested_tensor_is_refused() -> None:
     mha = MultiheadTanhAttention(8, 2, batch_first=True)
     nt = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(4, 8)], layout=torch.jagged)
-    with pytest.raises(TypeError, match="'query' is a NestedTensor"):
+    with pytest.raises(TypeError, match="'query' is a nested tensor"):
         mha(nt, nt, nt)
