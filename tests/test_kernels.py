@@ -1,109 +1,212 @@
-"""The blocked kernels (kernels/blockwise.py) and the memory-efficient op ``attn_lean``.
+"""The blocked kernels (kernels/blockwise.py on kernels/blocks.py and kernels/cpu.py) and the
+memory-efficient op ``attn_lean``.
 
-Kernels against the float64 reference of samples.py (written from the definition), with block
-sizes small enough that every shape crosses block boundaries; causal block skipping; masks;
-dtypes. Then the lean op's registration: opcheck, vmap, forward AD, torch.func, compile,
-export, autocast. (test_opinfo.py runs both ops through the whole OpInfo-style suite.)
+Every oracle is independent of the package: the float64 ``reference`` and ``keep_mask`` of
+samples.py (written from the definition), autograd and ``torch.func.jvp`` of that reference,
+and, where a NaN sits in q or k, the VJP written out from the definition here
+(:func:`_vjp_from_definition`).
+
+Kernels: block sizes small enough that every shape crosses block boundaries; both causal
+variants with n < m, n = m, n > m, masks, rows that keep no key; the blocks causal skips and
+the zeros of ``a`` there; non-finite inputs where blocks would be skipped; scales that would
+overflow a pre-scaled product; batch dims that only v or only the mask brings; dtypes. Then
+the lean op's registration: saved tensors, vmap, forward AD, torch.func, third order,
+compile, export, autocast. (test_ops.py runs opcheck on both op pairs; test_opinfo.py runs
+both through the whole OpInfo-style suite.)
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 from torch.autograd import forward_ad as fwAD
 
 import tanh_attention
-from samples import reference
+from samples import keep_mask, reference
 from tanh_attention.kernels import blockwise
 from tanh_attention.kernels import cpu as cpu_kernels
 
 F64 = torch.float64
+NAN, INF = float("nan"), float("inf")
+OP = torch.ops.tanh_attention.attn
 LEAN = torch.ops.tanh_attention.attn_lean
 LEAN_BACKWARD = torch.ops.tanh_attention.attn_lean_backward
+CAUSAL = ["none", "top_left", "bottom_right"]
+EXACT = {"rtol": 1e-12, "atol": 1e-12}
+SMALL_BLOCKS = {"block_rows": 3, "block_cols": 4}
 
-# (q shape, k shape, v shape, mask shape or None): n and m are not multiples of the blocks
+# (q shape, k shape, v shape, mask shape or None): n and m are not multiples of the blocks.
 SHAPES = {
     "n_lt_m": ((7, 5), (13, 5), (13, 3), None),
-    "n_gt_m": ((13, 5), (7, 5), (7, 3), None),
+    "n_lt_m_mask": ((2, 7, 5), (13, 5), (13, 3), (2, 7, 13)),
+    "n_eq_m": ((10, 5), (10, 5), (10, 3), None),
+    "n_eq_m_mask": ((2, 10, 4), (2, 10, 4), (2, 10, 3), (10, 10)),
+    "n_gt_m": ((13, 5), (7, 5), (7, 3), None),  # bottom_right: rows 0..5 keep no key
+    "n_gt_m_mask": ((2, 13, 5), (7, 5), (2, 7, 3), (13, 7)),
     "one_block_row": ((3, 4), (11, 4), (11, 2), None),
     "batch_broadcast": ((2, 3, 9, 4), (2, 1, 10, 4), (10, 3), (3, 1, 10)),
     "full_mask": ((2, 9, 4), (2, 10, 4), (2, 10, 3), (2, 9, 10)),
 }
-BLOCKS = [(3, 4), (4, 3), (1, 1), (100, 100)]  # (100, 100): one block per problem
+BLOCKS = [(3, 4), (4, 3), (1, 1), (100, 100)]  # (100, 100): one block per problem, grouped
 
 
-def _inputs(shapes: Any, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
+def _inputs(shapes: Any, dtype: torch.dtype = F64) -> tuple[Any, ...]:
     q_shape, k_shape, v_shape, mask_shape = shapes
     q, k, v = (torch.randn(s, dtype=dtype) for s in (q_shape, k_shape, v_shape))
     mask = None if mask_shape is None else torch.rand(mask_shape) < 0.7
     return q, k, v, mask
 
 
-def _ref_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any, outputs: Any) -> Any:
+def _keep(n: int, m: int, mask: Tensor | None, causal: str) -> Tensor:
+    """The keep-mask M: samples.keep_mask and the mask (with the mask's batch dims)."""
+    keep = keep_mask(n, m, causal)
+    return keep if mask is None else keep & mask
+
+
+def _ref_grads(q: Tensor, k: Tensor, v: Tensor, *rest: Any, outputs: Any) -> Any:
+    """Autograd of the float64 reference: gradients of <outputs, (o, a)[: len(outputs)]>."""
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
     o, a = reference(*leaves, *rest)
     grads = [g.double() for g in outputs]
     return torch.autograd.grad((o, a)[: len(grads)], leaves, grads)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def _ref_jvp(tangents: Any, q: Tensor, k: Tensor, v: Tensor, *rest: Any) -> Tensor:
+    """``t_o`` by ``torch.func.jvp`` of the float64 reference."""
+    _, (t_o, _) = torch.func.jvp(lambda *x: reference(*x, *rest), (q, k, v), tuple(tangents))
+    return t_o
+
+
+def _vjp_from_definition(
+    g_o: Tensor | None,
+    g_a: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    scale: float = 1.0,
+    causal: str = "none",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The VJP written from the definition, in float64::
+
+        g_x = M * (g_o @ v^T + g_a) * (1 - a^2)      (exactly 0 where M drops an entry)
+        g_q = scale * g_x @ k    g_k = scale * g_x^T @ q    g_v = a^T @ g_o
+
+    summed back over broadcast batch dims. A dropped entry of ``a`` is the constant 0, so its
+    g_x is 0 whatever q and k hold. Autograd of ``reference`` differs there when q or k
+    holds a NaN: its ``where(keep, tanh(x), 0)`` sends ``0 * tanh'(NaN) = NaN`` back through
+    dropped entries, so every feature of g_q (g_k) turns NaN, not only the NaN's own.
+    """
+    q, k, v = (x.detach().double() for x in (q, k, v))
+    _, a = reference(q, k, v, mask, scale, causal)
+    big = torch.zeros((), dtype=F64)
+    if g_o is not None:
+        big = torch.matmul(g_o.double(), v.mT).sum_to_size(a.shape)  # a is constant along v's dims
+    if g_a is not None:
+        big = big + g_a.double()
+    g_x = torch.where(_keep(a.shape[-2], a.shape[-1], mask, causal), big * (1 - a * a), 0.0)
+    g_q = (scale * torch.matmul(g_x, k)).sum_to_size(q.shape)
+    g_k = (scale * torch.matmul(g_x.mT, q)).sum_to_size(k.shape)
+    g_v = torch.zeros_like(v)
+    if g_o is not None:
+        g_v = torch.matmul(a.mT, g_o.double()).sum_to_size(v.shape)
+    return g_q, g_k, g_v
+
+
+def _blocks_with_kept_entries(n: int, m: int, causal: str, rows: int, cols: int) -> tuple[int, int]:
+    """(blocks of the rows x cols grid holding a kept entry, all blocks), from keep_mask."""
+    keep = keep_mask(n, m, causal)
+    blocks = [
+        bool(keep[i0 : i0 + rows, j0 : j0 + cols].any())
+        for i0 in range(0, n, rows)
+        for j0 in range(0, m, cols)
+    ]
+    return sum(blocks), len(blocks)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels against the reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("blocks", BLOCKS, ids=str)
 @pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
-def test_kernels_match_reference(shapes: Any, blocks: tuple[int, int], causal: bool) -> None:
+def test_kernels_match_reference(shapes: Any, blocks: tuple[int, int], causal: str) -> None:
     """Forward (with and without a), backward (from a and recomputing it), JVP."""
     q, k, v, mask = _inputs(shapes)
+    n, m = q.shape[-2], k.shape[-2]
     size = {"block_rows": blocks[0], "block_cols": blocks[1]}
     o_ref, a_ref = reference(q, k, v, mask, 0.7, causal)
     for need_weights in (True, False):
         o, a = blockwise.forward(q, k, v, mask, 0.7, causal, need_weights=need_weights, **size)
-        torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+        assert o.shape == o_ref.shape
+        torch.testing.assert_close(o, o_ref, **EXACT)
         if need_weights:
-            assert a is not None
-            torch.testing.assert_close(a, a_ref, rtol=1e-12, atol=1e-12)
+            assert a is not None and a.shape == a_ref.shape
+            torch.testing.assert_close(a, a_ref, **EXACT)
+            assert torch.equal(a[a_ref == 0], a_ref[a_ref == 0])  # dropped entries exactly 0
         else:
             assert a is None
+        # Rows that keep no key (bottom_right with n > m, masked rows) give exactly 0.
+        empty = ~_keep(n, m, mask, causal).any(-1)
+        assert ((o == 0).all(-1) | ~empty).all()
+    if causal == "bottom_right" and n > m:
+        assert (~keep_mask(n, m, causal).any(-1)).sum() == n - m
 
     g_o, g_a = torch.randn_like(o_ref), torch.randn_like(a_ref)
     want = _ref_grads(q, k, v, mask, 0.7, causal, outputs=(g_o, g_a))
     got = blockwise.backward(g_o, g_a, q, k, v, a_ref, mask, 0.7, causal, **size)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, **EXACT)
     want = _ref_grads(q, k, v, mask, 0.7, causal, outputs=(g_o,))
     got = blockwise.backward(g_o, None, q, k, v, None, mask, 0.7, causal, **size)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, **EXACT)
+    got = blockwise.backward(g_o, None, q, k, v, a_ref, mask, 0.7, causal, **size)
+    torch.testing.assert_close(got, want, **EXACT)
 
     tangents = tuple(torch.randn_like(x) for x in (q, k, v))
-    _, (want_t, _) = torch.func.jvp(
-        lambda *x: reference(*x, mask, 0.7, causal), (q, k, v), tangents
-    )
+    want_t = _ref_jvp(tangents, q, k, v, mask, 0.7, causal)
     got_t = blockwise.jvp(*tangents, q, k, v, mask, 0.7, causal, **size)
-    torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_t, want_t, **EXACT)
+    for one in range(3):  # each tangent alone (the others None)
+        alone = [t if i == one else None for i, t in enumerate(tangents)]
+        zeros = [t if i == one else torch.zeros_like(t) for i, t in enumerate(tangents)]
+        want_t = _ref_jvp(zeros, q, k, v, mask, 0.7, causal)
+        got_t = blockwise.jvp(*alone, q, k, v, mask, 0.7, causal, **size)
+        torch.testing.assert_close(got_t, want_t, **EXACT)
 
 
+@pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
 @pytest.mark.parametrize(
     "needs", [(True, False, False), (False, True, False), (False, False, True)]
 )
-def test_backward_computes_only_what_is_needed(needs: tuple[int, ...]) -> None:
+def test_backward_computes_only_what_is_needed(needs: tuple[bool, ...], causal: str) -> None:
     q, k, v, mask = _inputs(SHAPES["batch_broadcast"])
     g_o = torch.randn(2, 3, 9, 3, dtype=F64)
-    needs_ = [bool(x) for x in needs]
-    got = blockwise.backward(g_o, None, q, k, v, None, mask, 1.3, True, needs_, block_rows=4)
-    want = _ref_grads(q, k, v, mask, 1.3, True, outputs=(g_o,))
+    got = blockwise.backward(g_o, None, q, k, v, None, mask, 1.3, causal, list(needs), block_rows=4)
+    want = _ref_grads(q, k, v, mask, 1.3, causal, outputs=(g_o,))
     for g, w, need in zip(got, want, needs, strict=True):
         if need:
-            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(g, w, **EXACT)
         else:
             assert g is None
     # grad_a alone has no v term; no grads at all is no work.
-    a = reference(q, k, v, mask, 1.3, True)[1]
-    assert blockwise.backward(None, torch.ones_like(a), q, k, v, a, mask, 1.3, True)[2] is None
+    a = reference(q, k, v, mask, 1.3, causal)[1]
+    assert blockwise.backward(None, torch.ones_like(a), q, k, v, a, mask, 1.3, causal)[2] is None
     assert blockwise.backward(None, None, q, k, v, a) == (None, None, None)
+    with pytest.raises(ValueError, match="grad_a needs the saved weights"):
+        blockwise.backward(None, torch.ones_like(a), q, k, v, None, mask, 1.3, causal)
 
 
-def test_zero_sizes() -> None:
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_zero_sizes(causal: str) -> None:
     """Empty dims: o of zeros (d = 0 gives a = tanh(0) = 0), gradients of zeros, no error."""
     for q_shape, k_shape, v_shape in [
         ((0, 3), (4, 3), (4, 2)),
@@ -113,50 +216,388 @@ def test_zero_sizes() -> None:
         ((2, 3), (4, 3), (4, 0)),
     ]:
         q, k, v, _ = _inputs((q_shape, k_shape, v_shape, None))
-        o_ref, a_ref = reference(q, k, v)
-        o, a = blockwise.forward(q, k, v, block_rows=2, block_cols=2)
+        o_ref, a_ref = reference(q, k, v, None, 1.0, causal)
+        o, a = blockwise.forward(q, k, v, None, 1.0, causal, block_rows=2, block_cols=2)
         torch.testing.assert_close((o, a), (o_ref, a_ref))
-        grads = blockwise.backward(torch.ones_like(o), torch.ones_like(a), q, k, v, a)
-        want = _ref_grads(q, k, v, outputs=(torch.ones_like(o), torch.ones_like(a)))
+        grads = blockwise.backward(
+            torch.ones_like(o), torch.ones_like(a), q, k, v, a, None, 1.0, causal
+        )
+        want = _ref_grads(
+            q, k, v, None, 1.0, causal, outputs=(torch.ones_like(o), torch.ones_like(a))
+        )
         torch.testing.assert_close(grads, want)
 
 
-def _count_blocks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """Record the (rows, cols) of every block whose tanh the kernels compute."""
-    calls: list[tuple[int, int]] = []
-    real = blockwise.scores_tanh
+# --------------------------------------------------------------------------------------------
+# The blocks causal skips, and the zeros of a there
+# --------------------------------------------------------------------------------------------
 
-    def counting(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        calls.append((q.shape[-2], k.shape[-2]))
-        return real(q, k, scale)
 
-    monkeypatch.setattr(blockwise, "scores_tanh", counting)
+def _record(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[Any, ...]]:
+    """Record the arguments of every call the kernels make to ``blockwise.<name>``."""
+    calls: list[tuple[Any, ...]] = []
+    real = getattr(blockwise, name)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blockwise, name, recording)
     return calls
 
 
-def test_causal_skips_wholly_masked_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """n = m = 8 blocks: causal computes the 36 blocks on or below the diagonal of 64."""
-    calls = _count_blocks(monkeypatch)
-    q, k, v, _ = _inputs(((32, 3), (32, 3), (32, 2), None))
-    blockwise.forward(q, k, v, causal=False, need_weights=False, block_rows=4, block_cols=4)
-    assert len(calls) == 64
-    calls.clear()
-    o, _ = blockwise.forward(q, k, v, causal=True, need_weights=False, block_rows=4, block_cols=4)
-    assert len(calls) == 36
-    calls.clear()
-    blockwise.backward(
-        torch.ones_like(o), None, q, k, v, None, causal=True, block_rows=4, block_cols=4
-    )
-    assert len(calls) == 36
+# (n, m, causal), in blocks of 4 x 4: each skips some blocks (checked below)
+SKIP_CASES = {
+    "top_left_n_eq_m": (32, 32, "top_left"),  # 36 of 64 blocks
+    "top_left_n_lt_m": (12, 32, "top_left"),
+    "top_left_n_gt_m": (32, 12, "top_left"),
+    "bottom_right_n_lt_m": (12, 32, "bottom_right"),
+    "bottom_right_n_gt_m": (32, 12, "bottom_right"),  # rows 0..19 keep no key
+}
 
 
-def test_causal_weights_zero_in_skipped_blocks() -> None:
-    q, k, v, _ = _inputs(((13, 3), (17, 3), (17, 2), None))
-    a_ref = reference(q, k, v, None, 1.0, True)[1]
-    # a starts uninitialized: the kernel must zero the skipped blocks itself.
-    _, a = blockwise.forward(q, k, v, causal=True, block_rows=4, block_cols=4)
+@pytest.mark.parametrize(("n", "m", "causal"), SKIP_CASES.values(), ids=SKIP_CASES.keys())
+def test_causal_skips_wholly_masked_blocks(
+    monkeypatch: pytest.MonkeyPatch, n: int, m: int, causal: str
+) -> None:
+    """Causal visits exactly the blocks that hold a kept entry, in forward, backward (from a
+    and recomputing it) and JVP; "none" visits them all."""
+    tanh_calls = _record(monkeypatch, "scores_tanh")
+    vjp_calls = _record(monkeypatch, "vjp_block_")
+    blocks = {"block_rows": 4, "block_cols": 4}
+    q, k, v, _ = _inputs(((n, 3), (m, 3), (m, 2), None))
+    visited, total = _blocks_with_kept_entries(n, m, causal, 4, 4)
+    assert visited < total
+    if (n, m, causal) == (32, 32, "top_left"):
+        assert (visited, total) == (36, 64)
+
+    blockwise.forward(q, k, v, None, 1.0, "none", need_weights=False, **blocks)
+    assert len(tanh_calls) == total
+    for need_weights in (True, False):
+        tanh_calls.clear()
+        blockwise.forward(q, k, v, None, 1.0, causal, need_weights=need_weights, **blocks)
+        assert len(tanh_calls) == visited
+    o_ref, a_ref = reference(q, k, v, None, 1.0, causal)
+    g_o = torch.randn_like(o_ref)
+    want = _ref_grads(q, k, v, None, 1.0, causal, outputs=(g_o,))
+
+    tanh_calls.clear()
+    vjp_calls.clear()
+    got = blockwise.backward(g_o, None, q, k, v, None, None, 1.0, causal, **blocks)
+    assert len(tanh_calls) == visited and len(vjp_calls) == visited
+    torch.testing.assert_close(got, want, **EXACT)
+    tanh_calls.clear()
+    vjp_calls.clear()
+    got = blockwise.backward(g_o, None, q, k, v, a_ref, None, 1.0, causal, **blocks)
+    assert len(tanh_calls) == 0 and len(vjp_calls) == visited
+    torch.testing.assert_close(got, want, **EXACT)
+
+    tanh_calls.clear()
+    tangents = tuple(torch.randn_like(x) for x in (q, k, v))
+    got_t = blockwise.jvp(*tangents, q, k, v, None, 1.0, causal, **blocks)
+    assert len(tanh_calls) == visited
+    torch.testing.assert_close(got_t, _ref_jvp(tangents, q, k, v, None, 1.0, causal), **EXACT)
+
+
+# Those of SKIP_CASES, with a mask; and a batch of tiny problems in one grouped default block.
+ZERO_CASES = {
+    **{name: ((n, 3), (m, 3), (m, 2), (n, m), 4) for name, (n, m, _) in SKIP_CASES.items()},
+    "grouped_tiny_problems": ((6, 5, 3), (6, 9, 3), (6, 9, 2), None, None),
+}
+ZERO_CAUSAL = [c for _, _, c in SKIP_CASES.values()] + ["top_left"]
+
+
+@pytest.mark.parametrize(
+    ("shapes", "causal"),
+    list(zip(ZERO_CASES.values(), ZERO_CAUSAL, strict=True)),
+    ids=ZERO_CASES.keys(),
+)
+def test_causal_weights_zero_in_skipped_blocks(
+    monkeypatch: pytest.MonkeyPatch, shapes: Any, causal: str
+) -> None:
+    """a is allocated uninitialized: the kernel zero-fills the blocks it skips itself. Here
+    ``torch.empty`` returns NaN, so a skipped block that was not zeroed shows."""
+    real_empty = torch.empty
+
+    def poisoned(*args: Any, **kwargs: Any) -> Tensor:
+        t = real_empty(*args, **kwargs)
+        return t.fill_(NAN) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    assert torch.empty(3).isnan().all()
+    *qkv_shapes, mask_shape, block = shapes
+    q, k, v, mask = _inputs((*qkv_shapes, mask_shape))
+    n, m = q.shape[-2], k.shape[-2]
+    a_ref = reference(q, k, v, mask, 1.0, causal)[1]
+    _, a = blockwise.forward(q, k, v, mask, 1.0, causal, block_rows=block, block_cols=block)
     assert a is not None
-    assert torch.equal(a.triu(1), torch.zeros_like(a)) and torch.allclose(a, a_ref)
+    dropped = ~keep_mask(n, m, causal)
+    assert dropped.any()
+    assert torch.equal(a[..., dropped], torch.zeros_like(a[..., dropped]))
+    torch.testing.assert_close(a, a_ref, **EXACT)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite inputs: no block is skipped, so NaN and inf propagate as in the reference
+# --------------------------------------------------------------------------------------------
+
+# (n, m, causal): in blocks of 3 x 4 each skips blocks; key m - 1 is kept by few rows (none
+# for top_left with n < m) and row 0 keeps the fewest keys (none for bottom_right, n > m).
+NONFINITE_CASES = {
+    "top_left_n_lt_m": (6, 11, "top_left"),
+    "top_left_n_eq_m": (11, 11, "top_left"),
+    "bottom_right_n_lt_m": (6, 11, "bottom_right"),
+    "bottom_right_n_gt_m": (11, 6, "bottom_right"),
+}
+VALUES = pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+nonfinite_cases = pytest.mark.parametrize(
+    ("n", "m", "causal"), NONFINITE_CASES.values(), ids=NONFINITE_CASES.keys()
+)
+
+
+def _nonfinite_inputs(n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.randn(n, 3, dtype=F64), torch.randn(m, 3, dtype=F64), torch.randn(m, 2, dtype=F64)
+
+
+def _assert_same(got: Any, want: Any) -> None:
+    """Equal values and the same NaN and inf pattern."""
+    torch.testing.assert_close(got, want, equal_nan=True, **EXACT)
+
+
+@VALUES
+@nonfinite_cases
+def test_nonfinite_v_reaches_every_row(n: int, m: int, causal: str, value: float) -> None:
+    """A non-finite v[j] reaches every row of o through 0 * inf, also the rows whose blocks
+    for key j a finite v would skip; likewise in the JVP for v and for t_v."""
+    visited, total = _blocks_with_kept_entries(n, m, causal, 3, 4)
+    assert visited < total  # finite inputs would skip blocks
+    q, k, v = _nonfinite_inputs(n, m)
+    v[m - 1, 0] = value
+    o_ref, a_ref = reference(q, k, v, None, 0.7, causal)
+    assert o_ref[:, 0].isnan().any() and torch.isfinite(o_ref[:, 1]).all()
+    for need_weights in (True, False):
+        o, a = blockwise.forward(
+            q, k, v, None, 0.7, causal, need_weights=need_weights, **SMALL_BLOCKS
+        )
+        _assert_same(o, o_ref)
+        if a is not None:
+            _assert_same(a, a_ref)
+    tangents = tuple(torch.randn_like(x) for x in (q, k, v))
+    got = blockwise.jvp(*tangents, q, k, v, None, 0.7, causal, **SMALL_BLOCKS)
+    _assert_same(got, _ref_jvp(tangents, q, k, v, None, 0.7, causal))
+    # A non-finite tangent of v, with v finite.
+    v[m - 1, 0] = 0.5
+    t_v = torch.randn_like(v)
+    t_v[m - 1, 1] = value
+    want = _ref_jvp((torch.zeros_like(q), torch.zeros_like(k), t_v), q, k, v, None, 0.7, causal)
+    assert want[:, 1].isnan().any()
+    _assert_same(blockwise.jvp(None, None, t_v, q, k, v, None, 0.7, causal, **SMALL_BLOCKS), want)
+    # A non-finite k changes no dropped entry of t_a: the JVP may skip, and still agrees.
+    k[m - 1, 0] = value
+    got = blockwise.jvp(*tangents, q, k, v, None, 0.7, causal, **SMALL_BLOCKS)
+    _assert_same(got, _ref_jvp(tangents, q, k, v, None, 0.7, causal))
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "grad_o"])
+@VALUES
+@nonfinite_cases
+def test_nonfinite_backward(n: int, m: int, causal: str, value: float, where: str) -> None:
+    """Gradients with a non-finite q (row 0), k or v (key m - 1) or grad_o (row 0): the same
+    values and NaN pattern as the VJP from the definition (and as autograd of the reference,
+    except for a NaN in q or k: see _vjp_from_definition)."""
+    q, k, v = _nonfinite_inputs(n, m)
+    g_o = torch.randn(n, 2, dtype=F64)
+    {"q": q[0], "k": k[m - 1], "v": v[m - 1], "grad_o": g_o[0]}[where][1] = value
+    a_ref = reference(q, k, v, None, 0.7, causal)[1]
+    want = _vjp_from_definition(g_o, None, q, k, v, None, 0.7, causal)
+    if where != "v":
+        # Somewhere a row or key that never meets the value gets a NaN through 0 * inf. (A
+        # non-finite v meets only the g_x of the rows that keep its key.)
+        assert any(w.isnan().any() for w in want)
+    if where in ("v", "grad_o") or not math.isnan(value):
+        _assert_same(want, _ref_grads(q, k, v, None, 0.7, causal, outputs=(g_o,)))
+    got = blockwise.backward(g_o, None, q, k, v, None, None, 0.7, causal, **SMALL_BLOCKS)
+    _assert_same(got, want)
+    got = blockwise.backward(g_o, None, q, k, v, a_ref, None, 0.7, causal, **SMALL_BLOCKS)
+    _assert_same(got, want)
+    g_a = torch.randn_like(a_ref)
+    want = _vjp_from_definition(g_o, g_a, q, k, v, None, 0.7, causal)
+    got = blockwise.backward(g_o, g_a, q, k, v, a_ref, None, 0.7, causal, **SMALL_BLOCKS)
+    _assert_same(got, want)
+
+
+def _public(need_weights: bool) -> Callable[..., Any]:
+    def f(q: Tensor, k: Tensor, v: Tensor, mask: Any, scale: float, causal: str) -> Any:
+        o, a = tanh_attention.attn(
+            q, k, v, attn_mask=mask, scale=scale, causal=causal, need_weights=need_weights
+        )
+        return o, a
+
+    return f
+
+
+# Each returns (o, a or None).
+ENTRY_POINTS = {
+    "attn_op": OP,
+    "attn_lean_op": lambda *args: (LEAN(*args), None),
+    "public": _public(True),
+    "public_o_only": _public(False),
+}
+entry_points = pytest.mark.parametrize("entry", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "grad_o"])
+@pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
+@entry_points
+def test_nonfinite_through_ops(
+    monkeypatch: pytest.MonkeyPatch, entry: Any, value: float, where: str
+) -> None:
+    """Through the ops and the public function with their default blocks: top_left with
+    n = 3 < m = 10 computes only the 3 x 3 kept columns when all is finite."""
+    q, k, v = (torch.randn(s, dtype=F64) for s in ((2, 3, 4), (10, 4), (10, 2)))
+    tanh_calls = _record(monkeypatch, "scores_tanh")
+    entry(q, k, v, None, 0.6, "top_left")
+    assert {(c[0].shape[-2], c[1].shape[-2]) for c in tanh_calls} == {(3, 3)}  # skipping
+    g_o = torch.randn(2, 3, 2, dtype=F64)
+    {"q": q[0, 0], "k": k[9], "v": v[9], "grad_o": g_o[0, 0]}[where][1] = value
+    o_ref, a_ref = reference(q, k, v, None, 0.6, "top_left")
+    want = _vjp_from_definition(g_o, None, q, k, v, None, 0.6, "top_left")
+    assert any(w.isnan().any() for w in (o_ref, *want))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, a = entry(*leaves, None, 0.6, "top_left")
+    _assert_same(o, o_ref)
+    if a is not None:
+        _assert_same(a, a_ref)
+    _assert_same(torch.autograd.grad(o, leaves, g_o), want)
+
+
+# --------------------------------------------------------------------------------------------
+# Scales that overflow a pre-scaled product: finite, saturated weights
+# --------------------------------------------------------------------------------------------
+
+OVERFLOW = {
+    "float16_1e4": (torch.float16, 1e4),
+    "bfloat16_1e38": (torch.bfloat16, 1e38),
+    "float32_1e38": (torch.float32, 1e38),
+    "float32_-1e38": (torch.float32, -1e38),
+    "float32_1e300": (torch.float32, 1e300),  # beyond float32: computed in float64
+}
+
+
+def _saturating(dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """|q_i . k_j| in [0.2, 1.1], from entries 8 times as large: q_i = (8 s, 8 s, e, e),
+    k_j = (t, -0.875 t, e, e) with |s|, |t| in [0.5, 1], |e| <= 0.1. ``(scale * q) @ k^T``
+    would overflow (inf - inf = NaN) where ``scale * (q @ k^T)`` saturates tanh to +-1."""
+    g = torch.Generator().manual_seed(5)
+
+    def factor(rows: int) -> Tensor:
+        sign = torch.where(torch.rand(rows, 1, generator=g) < 0.5, -1.0, 1.0)
+        return sign * (1 + torch.rand(rows, 1, generator=g)) / 2
+
+    def small(rows: int) -> Tensor:
+        return (torch.rand(rows, 2, generator=g) - 0.5) / 5
+
+    s, t = factor(5), factor(7)
+    q = torch.cat([8 * s, 8 * s, small(5)], -1)
+    k = torch.cat([t, -0.875 * t, small(7)], -1)
+    v = torch.randn(7, 3, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _blockwise_entry(need_weights: bool) -> Callable[..., Any]:
+    def f(q: Tensor, k: Tensor, v: Tensor, *rest: Any) -> Any:
+        o, a = blockwise.forward(q, k, v, *rest, need_weights=need_weights, block_rows=2)
+        return o, a
+
+    return f
+
+
+@pytest.mark.parametrize("causal", ["none", "bottom_right"])
+@pytest.mark.parametrize(("dtype", "scale"), OVERFLOW.values(), ids=OVERFLOW.keys())
+def test_huge_scale_saturates(dtype: torch.dtype, scale: float, causal: str) -> None:
+    """Weights finite and equal to the float64 reference's saturated +-1 (computed from the
+    low-precision values); o and every gradient finite and equal to the reference's."""
+    q, k, v = _saturating(dtype)
+    exact = [x.double() for x in (q, k, v)]
+    keep = keep_mask(5, 7, causal)
+    o_ref, a_ref = reference(*exact, None, scale, causal)
+    assert torch.equal(a_ref.abs(), keep.double())  # saturated: +-1 where kept, else 0
+    assert (q * scale).isinf().any()  # pre-scaling in q's dtype would overflow
+    g_o = torch.randn(o_ref.shape, dtype=F64).to(dtype)
+    want = _ref_grads(*exact, None, scale, causal, outputs=(g_o,))
+    entries = {
+        **ENTRY_POINTS,
+        "blockwise": _blockwise_entry(True),
+        "blockwise_o_only": _blockwise_entry(False),
+    }
+    for name, entry in entries.items():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, a = entry(*leaves, None, scale, causal)
+        assert torch.isfinite(o).all(), name
+        torch.testing.assert_close(o, o_ref.to(dtype), msg=name)
+        if a is not None:
+            assert torch.equal(a, a_ref.to(dtype)), name
+        if name.startswith("blockwise"):
+            grads = blockwise.backward(g_o, None, q, k, v, a, None, scale, causal, block_rows=2)
+        else:
+            grads = torch.autograd.grad(o, leaves, g_o)
+        for g, w in zip(grads, want, strict=True):
+            assert g is not None and torch.isfinite(g).all(), name
+            torch.testing.assert_close(g, w.to(dtype), msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch dims that only v, or only the mask, brings
+# --------------------------------------------------------------------------------------------
+
+# (q, k, v, mask): a has the batch of q, k and the mask; o that of all four.
+OWN_BATCH = {
+    "v_leading": ((2, 1, 5, 3), (7, 3), (4, 1, 1, 7, 2), (3, 5, 7)),  # a (2,3,5,7), o (4,2,3,5,2)
+    "v_inner": ((2, 1, 5, 3), (7, 3), (3, 7, 2), None),  # a (2,1,5,7), o (2,3,5,2)
+    "mask_only": ((5, 3), (7, 3), (7, 2), (2, 5, 7)),  # a (2,5,7), o (2,5,2)
+    "v_and_mask": ((5, 3), (2, 7, 3), (3, 1, 7, 2), (2, 5, 7)),  # a (2,5,7), o (3,2,5,2)
+}
+
+
+@pytest.mark.parametrize("causal", ["none", "bottom_right"])
+@pytest.mark.parametrize("shapes", OWN_BATCH.values(), ids=OWN_BATCH.keys())
+def test_own_batch_dims_of_v_and_mask(shapes: Any, causal: str) -> None:
+    """Shapes of a and o as the reference's; gradients, with grad_a given too, as autograd
+    of the reference: grad_a (a's batch) must not be spread along v's own batch dims."""
+    q, k, v, mask = _inputs(shapes)
+    o_ref, a_ref = reference(q, k, v, mask, 0.8, causal)
+    g_o, g_a = torch.randn_like(o_ref), torch.randn_like(a_ref)
+    want = _ref_grads(q, k, v, mask, 0.8, causal, outputs=(g_o, g_a))
+    want_o = _ref_grads(q, k, v, mask, 0.8, causal, outputs=(g_o,))
+
+    o, a = blockwise.forward(q, k, v, mask, 0.8, causal, **SMALL_BLOCKS)
+    assert a is not None and o.shape == o_ref.shape and a.shape == a_ref.shape
+    torch.testing.assert_close((o, a), (o_ref, a_ref), **EXACT)
+    got = blockwise.backward(g_o, g_a, q, k, v, a, mask, 0.8, causal, **SMALL_BLOCKS)
+    torch.testing.assert_close(got, want, **EXACT)
+    got = blockwise.backward(g_o, None, q, k, v, None, mask, 0.8, causal, **SMALL_BLOCKS)
+    torch.testing.assert_close(got, want_o, **EXACT)
+    t = tuple(torch.randn_like(x) for x in (q, k, v))
+    got_t = blockwise.jvp(*t, q, k, v, mask, 0.8, causal, **SMALL_BLOCKS)
+    torch.testing.assert_close(got_t, _ref_jvp(t, q, k, v, mask, 0.8, causal), **EXACT)
+
+    for name, entry in ENTRY_POINTS.items():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, a = entry(*leaves, mask, 0.8, causal)
+        assert o.shape == o_ref.shape, name
+        torch.testing.assert_close(o, o_ref, **EXACT)
+        if a is None:
+            torch.testing.assert_close(torch.autograd.grad(o, leaves, g_o), want_o, **EXACT)
+        else:
+            assert a.shape == a_ref.shape, name
+            torch.testing.assert_close(a, a_ref, **EXACT)
+            got = torch.autograd.grad((o, a), leaves, (g_o, g_a))
+            torch.testing.assert_close(got, want, **EXACT)
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes and the block primitives
+# --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -179,7 +620,7 @@ def test_low_precision(dtype: torch.dtype, tol: float, need_weights: bool) -> No
     grads_comp = torch.autograd.grad(o_comp, leaves, g_o.to(dtype))
     grads_ref = torch.autograd.grad(o_ref, exact, g_o)
 
-    def error(got: torch.Tensor, want: torch.Tensor) -> float:
+    def error(got: Tensor, want: Tensor) -> float:
         return ((got.double() - want).abs() / (1 + want.abs())).max().item()
 
     assert o.dtype == dtype and all(g is not None and g.dtype == dtype for g in grads)
@@ -193,14 +634,22 @@ def test_low_precision(dtype: torch.dtype, tol: float, need_weights: bool) -> No
         )
 
 
+@pytest.mark.parametrize("prescale", [True, False], ids=["prescale", "scale_after"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
-def test_scores_tanh(dtype: torch.dtype) -> None:
+def test_scores_tanh(dtype: torch.dtype, prescale: bool) -> None:
     q, k = torch.randn(2, 33, 7, dtype=dtype), torch.randn(1, 65, 7, dtype=dtype)
     want = torch.tanh(0.3 * q.double() @ k.double().mT)
-    torch.testing.assert_close(cpu_kernels.scores_tanh(q, k, 0.3), want.to(dtype))
+    torch.testing.assert_close(cpu_kernels.scores_tanh(q, k, 0.3, prescale), want.to(dtype))
     k2 = torch.randn(2, 65, 7, dtype=dtype)  # a block of problems with their own keys
     want = torch.tanh(0.3 * q.double() @ k2.double().mT)
-    torch.testing.assert_close(cpu_kernels.scores_tanh(q, k2, 0.3), want.to(dtype))
+    torch.testing.assert_close(cpu_kernels.scores_tanh(q, k2, 0.3, prescale), want.to(dtype))
+
+
+def test_scores_tanh_scaled_after_the_product_saturates() -> None:
+    q, k, _ = _saturating(torch.float32)
+    want = torch.tanh(q.double() @ k.double().mT * 1e38).float()
+    got = cpu_kernels.scores_tanh(q.unsqueeze(0), k.unsqueeze(0), 1e38, prescale=False)
+    assert torch.equal(got[0], want) and want.abs().eq(1).all()
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
@@ -225,11 +674,11 @@ def test_tanh_method_is_inspectable() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The registered op attn_lean
+# The registered op attn_lean (opcheck of both op pairs: test_ops.py)
 # --------------------------------------------------------------------------------------------
 
 
-def _lean_inputs() -> tuple[torch.Tensor, ...]:
+def _lean_inputs() -> tuple[Tensor, ...]:
     return (
         torch.randn(2, 3, 4, dtype=F64, requires_grad=True),
         torch.randn(5, 4, dtype=F64, requires_grad=True),
@@ -237,26 +686,25 @@ def _lean_inputs() -> tuple[torch.Tensor, ...]:
     )
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask_scale_causal"])
-def test_opcheck(masked: bool) -> None:
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_saves_no_weights(causal: str) -> None:
     q, k, v = _lean_inputs()
-    extra = (torch.rand(3, 5) < 0.6, 0.5, True) if masked else ()
-    torch.library.opcheck(LEAN, (q, k, v, *extra))
-    g_o = torch.randn(2, 3, 3, dtype=F64)
-    for needs in ([True, True, True], [False, True, False]):
-        torch.library.opcheck(LEAN_BACKWARD, (g_o, q, k, v, None, 0.3, True, needs))
+    mask = torch.rand(3, 5) < 0.6
+    saved: list[Tensor] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        LEAN(q, k, v, mask, 0.5, causal)
+    assert saved  # the hook saw the saved inputs
+    assert {t.data_ptr() for t in saved} <= {t.data_ptr() for t in (q, k, v, mask)}
 
 
-def test_saves_no_weights() -> None:
-    q, k, v = _lean_inputs()
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        LEAN(q, k, v, None, 0.5, True)
-    assert {t.data_ptr() for t in saved} <= {t.data_ptr() for t in (q, k, v)}
-
-
+@pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
 @pytest.mark.parametrize("in_dims", [(0, None, None), (None, 0, 0), (1, 0, None)], ids=str)
-def test_vmap_matches_loop(in_dims: tuple[int | None, ...]) -> None:
+def test_vmap_matches_loop(in_dims: tuple[int | None, ...], causal: str) -> None:
     size = 3
     base = [
         torch.randn(2, 4, dtype=F64),
@@ -272,30 +720,34 @@ def test_vmap_matches_loop(in_dims: tuple[int | None, ...]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the slow per-sample fallback warns
 
-        def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> Any:
-            o = LEAN(q, k, v, mask, 0.5, True)
-            grads = LEAN_BACKWARD(g, q, k, v, mask, 0.5, True, [True, True, True])
+        def f(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Any:
+            o = LEAN(q, k, v, mask, 0.5, causal)
+            grads = LEAN_BACKWARD(g, None, q, k, v, None, mask, 0.5, causal, [True, True, True])
             return o, grads
 
         o, grads = torch.func.vmap(f, in_dims=(*in_dims, 0))(*ins, g_o)
     for i in range(size):
         args = [x if d is None else x.select(d, i) for x, d in zip(ins, in_dims, strict=True)]
-        torch.testing.assert_close(o[i], reference(*args, mask, 0.5, True)[0])
-        want = _ref_grads(*args, mask, 0.5, True, outputs=(g_o[i],))
+        torch.testing.assert_close(o[i], reference(*args, mask, 0.5, causal)[0])
+        want = _ref_grads(*args, mask, 0.5, causal, outputs=(g_o[i],))
         for g, w in zip(grads, want, strict=True):
             torch.testing.assert_close(g[i], w)
 
 
-def test_forward_ad_is_blockwise_and_right() -> None:
-    """Forward AD through attn_lean (no reverse mode recorded) uses blockwise.jvp."""
+def test_forward_ad_is_blockwise_and_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward AD through attn_lean (no reverse mode recorded) runs the blocked JVP."""
+    jvp_calls = _record(monkeypatch, "jvp_block_")
     q, k, v = (x.detach() for x in _lean_inputs())
     tangents = tuple(torch.randn_like(x) for x in (q, k, v))
     mask = torch.rand(3, 5) < 0.6
-    _, (want, _) = torch.func.jvp(lambda *x: reference(*x, mask, 0.4, True), (q, k, v), tangents)
-    with fwAD.dual_level():
-        duals = [fwAD.make_dual(x, t) for x, t in zip((q, k, v), tangents, strict=True)]
-        got = fwAD.unpack_dual(LEAN(*duals, mask, 0.4, True)).tangent
-    torch.testing.assert_close(got, want)
+    for causal in ("top_left", "bottom_right"):
+        want = _ref_jvp(tangents, q, k, v, mask, 0.4, causal)
+        jvp_calls.clear()
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(x, t) for x, t in zip((q, k, v), tangents, strict=True)]
+            got = fwAD.unpack_dual(LEAN(*duals, mask, 0.4, causal)).tangent
+        assert jvp_calls, "the blocked JVP did not run"
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("transform", ["grad", "jacrev", "hessian", "jacfwd"])
@@ -304,7 +756,7 @@ def test_torch_func(transform: str) -> None:
     mask = torch.rand(3, 5) < 0.6
 
     def loss(f: Any) -> Any:
-        return lambda q, k, v: f(q, k, v, mask, 0.6, True).sin().sum()
+        return lambda q, k, v: f(q, k, v, mask, 0.6, "bottom_right").sin().sum()
 
     transforms = {
         "grad": lambda f: torch.func.grad(f, argnums=(0, 1, 2)),
@@ -322,8 +774,8 @@ def test_third_order() -> None:
     q, k, v = (x.detach()[..., :2, :].clone() for x in _lean_inputs())
     q.requires_grad_()
 
-    def f(q: torch.Tensor) -> torch.Tensor:
-        o = LEAN(q, k, v, None, 0.7, True)
+    def f(q: Tensor) -> Tensor:
+        o = LEAN(q, k, v, None, 0.7, "top_left")
         (g,) = torch.autograd.grad(o.sin().sum(), q, create_graph=True)
         return g
 
@@ -339,13 +791,13 @@ def test_public_need_weights_false_uses_lean_op() -> None:
 def test_autocast_runs_in_bfloat16() -> None:
     q, k, v = (x.detach().float() for x in _lean_inputs())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        o = LEAN(q, k, v, None, 1.0, True)
+        o = LEAN(q, k, v, None, 1.0, "top_left")
     assert o.dtype == torch.bfloat16
-    o_ref, _ = reference(*(t.bfloat16().double() for t in (q, k, v)), None, 1.0, True)
+    o_ref, _ = reference(*(t.bfloat16().double() for t in (q, k, v)), None, 1.0, "top_left")
     torch.testing.assert_close(o.double(), o_ref, atol=5e-2, rtol=2e-2)
 
 
-def _public_lean(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _public_lean(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     o, _ = tanh_attention.attn(q, k, v, scale=0.6, causal=True, need_weights=False)
     return o.sin().sum()
 
@@ -359,7 +811,7 @@ def test_compile_fullgraph_keeps_lean_op() -> None:
     compiled = torch.compile(_public_lean, backend=backend, fullgraph=True)
     loss = compiled(q, k, v)
     assert "tanh_attention.attn_lean" in backend.graphs[0].code
-    want = reference(q, k, v, None, 0.6, True)[0].sin().sum()
+    want = reference(q, k, v, None, 0.6, "top_left")[0].sin().sum()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(
         torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(want, (q, k, v))
@@ -372,15 +824,17 @@ def test_compile_inductor_and_export(tmp_path: Path) -> None:
     torch._dynamo.reset()
     compiled = torch.compile(_public_lean, backend="inductor", fullgraph=True)
     loss = compiled(q, k, v)
-    want = reference(q, k, v, None, 0.6, True)[0].sin().sum()
+    want = reference(q, k, v, None, 0.6, "top_left")[0].sin().sum()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(
         torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(want, (q, k, v))
     )
 
     class Model(torch.nn.Module):
-        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return tanh_attention.attn(q, k, v, scale=0.5, need_weights=False)[0]
+        def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return tanh_attention.attn(
+                q, k, v, scale=0.5, causal="bottom_right", need_weights=False
+            )[0]
 
     args = tuple(x.detach() for x in (q, k, v))
     ep = torch.export.export(Model(), args)
@@ -388,4 +842,4 @@ def test_compile_inductor_and_export(tmp_path: Path) -> None:
     torch.export.save(ep, tmp_path / "lean.pt2")
     fresh = tuple(torch.randn_like(x) for x in args)
     got = torch.export.load(tmp_path / "lean.pt2").module()(*fresh)
-    torch.testing.assert_close(got, reference(*fresh, None, 0.5, False)[0])
+    torch.testing.assert_close(got, reference(*fresh, None, 0.5, "bottom_right")[0])

@@ -115,6 +115,28 @@ def _validate(args: Sequence[Any]) -> Any:
     return validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
 
 
+def _validate_backward(args: Sequence[Any]) -> None:
+    """The backward op's arguments: the forward's, and output gradients of the outputs'
+    shapes (a caller of the raw op may pass anything)."""
+    grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs = args
+    s = _validate((q, k, v, attn_mask, scale, causal))
+    expected = {
+        "grad_o": (*s.batch, s.n, s.e),
+        "grad_a": (*s.weights_batch, s.n, s.m),
+        "a": (*s.weights_batch, s.n, s.m),
+    }
+    for name, t in (("grad_o", grad_o), ("grad_a", grad_a), ("a", a)):
+        if t is not None and tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"attn_backward(): expected '{name}' of shape {expected[name]}, but got "
+                f"{name}.shape={tuple(t.shape)}."
+            )
+    if grad_a is not None and a is None:
+        raise ValueError("attn_backward(): grad_a needs the saved weights 'a'.")
+    if len(needs) != 3:
+        raise ValueError(f"attn_backward(): 'needs' must have 3 entries, but got {len(needs)}.")
+
+
 def _forward_body(kernels: Kernels, weights: bool) -> Callable[..., Any]:
     def body(*args: Any) -> Any:
         _validate(args)
@@ -126,6 +148,7 @@ def _forward_body(kernels: Kernels, weights: bool) -> Callable[..., Any]:
 
 def _backward_body(kernels: Kernels) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     def body(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        _validate_backward(args)
         return _placeholders(kernels.backward(*args), args[2:5], args[-1])
 
     return body
@@ -133,8 +156,8 @@ def _backward_body(kernels: Kernels) -> Callable[..., tuple[Tensor, Tensor, Tens
 
 def _no_kernel(name: str, forward: bool) -> Callable[..., Any]:
     def body(*args: Any) -> Any:
-        if forward:
-            _validate(args)  # a sparse or nested tensor lands here: name it
+        # A sparse or nested tensor lands here: name it.
+        _validate(args) if forward else _validate_backward(args)
         device = next(a.device.type for a in args if isinstance(a, Tensor))
         raise NotImplementedError(
             f"torch.ops.{NAMESPACE}.{name} has no kernel for {device} tensors. "
@@ -155,6 +178,7 @@ def _forward_fake(weights: bool) -> Callable[..., Any]:
 
 
 def _backward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    _validate_backward(args)
     g_q, g_k, g_v = (
         x.new_empty(x.shape) if need else x.new_empty(0)  # contiguous, as the kernel's
         for x, need in zip(args[2:5], args[-1], strict=True)

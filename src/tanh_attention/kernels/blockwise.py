@@ -88,8 +88,8 @@ class _Problem:
         block_cols: int | None,
         skip_causal: bool = True,
     ) -> None:
-        memory.warm_heap()  # block buffers stay in the heap, not faulted in again per block
         shapes = validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
+        memory.warm_heap()  # block buffers stay in the heap, not faulted in again per block
         self.batch, self.weights_batch = shapes.batch, shapes.weights_batch
         self.size = math.prod(self.batch)
         self.n, self.m, self.d, self.e = shapes.n, shapes.m, shapes.d, shapes.e
@@ -190,8 +190,9 @@ class _Problem:
         """A ``(*batch, rows, cols)`` gradient summed to the shape and dtype of ``like``, in
         memory of its own."""
         if t.shape != like.shape:
-            t = t.sum_to_size(like.shape)
-        return t.to(like.dtype)
+            t = t.sum_to_size(like.shape)  # a view of the sum where it drops leading dims
+        t = t.to(like.dtype)
+        return t if t._base is None else t.clone()
 
 
 @torch.no_grad()  # in-place block updates: not differentiable (see module doc)
