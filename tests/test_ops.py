@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as fwAD
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import tanh_attention
 from samples import reference
 from tanh_attention import ops
 from tanh_attention.kernels import memory
@@ -445,3 +446,26 @@ def test_autocast_runs_in_bfloat16() -> None:
     assert o.dtype == a.dtype == torch.bfloat16
     o_ref, _ = reference(*(t.bfloat16().double() for t in (q, k, v)))
     torch.testing.assert_close(o.double(), o_ref, atol=5e-2, rtol=2e-2)
+
+
+# The registered ops each backend runs; a new backend must add its ops here (the test below
+# fails for an available backend that has no entry).
+BACKEND_OPS = {
+    "cpu": ("attn", "attn_lean"),
+    "composite": ("attn_composite",),
+}
+
+
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+def test_opcheck_every_backends_ops(causal: str) -> None:
+    q = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    k = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    v = torch.randn(5, 2, dtype=F64, requires_grad=True)
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) < 0.7
+    for backend in tanh_attention.backends():
+        if not backend.available:
+            continue
+        assert backend.name in BACKEND_OPS, f"no opcheck entry for backend {backend.name!r}"
+        for name in BACKEND_OPS[backend.name]:
+            op = getattr(torch.ops.tanh_attention, name).default
+            torch.library.opcheck(op, (q, k, v, mask, 0.5, causal))
