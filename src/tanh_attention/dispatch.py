@@ -29,7 +29,7 @@ def explain(inputs: Inputs) -> dict[str, list[str]]:
 
 def select(inputs: Inputs, backend: str | None = None) -> Backend:
     """The backend that runs ``inputs``: ``backend`` if named (it must fit), else the first
-    registered one that fits.
+    registered one that fits and does not ask to be forced (``Backend.dispatch_reasons``).
 
     Raises:
         ValueError: the named backend is unknown or cannot run the call, or none can; the
@@ -47,7 +47,7 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
         return chosen
     found = []
     for candidate in backends():
-        reasons = candidate.not_supported_reasons(inputs)
+        reasons = candidate.not_supported_reasons(inputs) or candidate.dispatch_reasons(inputs)
         if not reasons:
             return candidate
         found.append(f"  {candidate.name}: {'; '.join(reasons)}")

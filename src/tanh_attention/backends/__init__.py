@@ -117,6 +117,12 @@ class Backend:
             reasons.append("returns o only (need_weights=False)")
         return reasons
 
+    def dispatch_reasons(self, inputs: Inputs) -> list[str]:
+        """Why the dispatcher should not pick this backend by itself for ``inputs``, although
+        it can run them when forced (e.g. Triton's interpreter on CPU tensors: right, but
+        slow). Empty by default."""
+        return []
+
     def __call__(self, inputs: Inputs) -> tuple[Tensor, Tensor | None]:
         """Compute ``(o, a)``, or ``(o, None)`` when ``inputs.need_weights`` is False."""
         raise NotImplementedError
