@@ -224,19 +224,53 @@ def _validate_mask(attn_mask: object, q: Tensor, batch: tuple[int, ...], m: int)
             "attention: tanh(-inf) is -1, not 0, so a -inf score would still contribute. "
             "Pass mask == 0 (or mask > -inf) as a boolean mask instead."
         )
-    if attn_mask.device != q.device:
+    return _validate_scores_shape("attn_mask", attn_mask, q, batch, m)
+
+
+def _validate_scores_shape(
+    name: str, t: Tensor, q: Tensor, batch: tuple[int, ...], m: int
+) -> tuple[int, ...]:
+    """A mask or bias on q's device that broadcasts to ``(..., n, m)``; returns its batch."""
+    if t.device != q.device:
         raise ValueError(
-            f"attn(): expected 'attn_mask' on {q.device} like q, but got "
-            f"attn_mask.device={attn_mask.device}."
+            f"attn(): expected '{name}' on {q.device} like q, but got {name}.device={t.device}."
         )
     n = q.shape[-2]
-    full = _broadcast(attn_mask.shape, (*batch, n, m))
+    full = _broadcast(t.shape, (*batch, n, m))
     if full is None or full[-2:] != (n, m):
         raise ValueError(
-            f"attn(): 'attn_mask' must broadcast with the attention shape {(*batch, n, m)} "
-            f"(..., n, m) to (..., n, m), but got attn_mask.shape={_shape(attn_mask)}."
+            f"attn(): '{name}' must broadcast with the attention shape {(*batch, n, m)} "
+            f"(..., n, m) to (..., n, m), but got {name}.shape={_shape(t)}."
         )
-    return _shape(attn_mask)[:-2]
+    return _shape(t)[:-2]
+
+
+def _validate_bias(bias: object, q: Tensor, batch: tuple[int, ...], m: int) -> tuple[int, ...]:
+    """Check the additive bias; return its batch shape."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, Tensor):
+        raise TypeError(
+            f"attn(): argument 'bias' must be a torch.Tensor or None, but got "
+            f"{type(bias).__name__}."
+        )
+    validate_layout("bias", bias)
+    if bias.dtype != q.dtype:
+        raise TypeError(
+            f"attn(): expected 'bias' to have q's dtype {q.dtype}, but got bias.dtype="
+            f"{bias.dtype}. (A bool mask goes in attn_mask.)"
+        )
+    return _validate_scores_shape("bias", bias, q, batch, m)
+
+
+def _validate_dropout(dropout_p: object) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(
+            "attn(): argument 'dropout_p' must be a real number, but got "
+            f"{type(dropout_p).__name__}."
+        )
+    if not torch.compiler.is_compiling() and not 0.0 <= float(dropout_p) <= 1.0:  # type: ignore[arg-type]
+        raise ValueError(f"attn(): argument 'dropout_p' must be in [0, 1], but got {dropout_p}.")
 
 
 def validate_attn_inputs(
@@ -248,6 +282,8 @@ def validate_attn_inputs(
     scale: object = 1.0,
     causal: object = False,
     need_weights: object = True,
+    bias: object = None,
+    dropout_p: object = 0.0,
 ) -> Shapes:
     """Check the arguments of any attn entry point; return the call's sizes.
 
@@ -260,6 +296,9 @@ def validate_attn_inputs(
         scale: a finite real number (or a symbolic one while compiling).
         causal: a bool, ``"none"``, ``"top_left"`` or ``"bottom_right"``.
         need_weights: bool.
+        bias: None, or a float tensor of q's dtype added to the scores before tanh, shaped
+            like the mask; its batch dims join the batch.
+        dropout_p: the probability of dropping a weight, in [0, 1].
 
     Returns:
         The call's :class:`Shapes`.
@@ -281,7 +320,14 @@ def validate_attn_inputs(
     _validate_flag("need_weights", need_weights)
     m = k.shape[-2]
     mask_batch = _validate_mask(attn_mask, q, batch, m)
-    full = _broadcast(batch, mask_batch)
-    weights_batch = _broadcast(q.shape[:-2], k.shape[:-2], mask_batch)
-    assert full is not None and weights_batch is not None  # checked by _validate_mask
+    bias_batch = _validate_bias(bias, q, batch, m)
+    _validate_dropout(dropout_p)
+    full = _broadcast(batch, mask_batch, bias_batch)
+    weights_batch = _broadcast(q.shape[:-2], k.shape[:-2], mask_batch, bias_batch)
+    if full is None or weights_batch is None:
+        raise ValueError(
+            "attn(): the batch dimensions of 'attn_mask' and 'bias' must broadcast with each "
+            f"other and with q, k, v, but got attn_mask batch {mask_batch} and bias batch "
+            f"{bias_batch}."
+        )
     return Shapes(full, weights_batch, q.shape[-2], m, q.shape[-1], v.shape[-1])

@@ -1,4 +1,5 @@
-"""The public function ``tanh_attention.attn``: validates, then runs the backend that fits.
+"""The public functions: ``attn`` validates, then runs the backend that fits;
+``scaled_dot_product_attention`` is SDPA's signature on top of it.
 
 Validation (``_checks.py``) comes first, so bad input fails before any work; the dispatcher
 (``dispatch.py``) then picks the first backend of ``tanh_attention.backends()`` that supports
@@ -13,12 +14,13 @@ from typing import Literal, overload
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import dispatch
 from ._checks import normalize_causal, validate_attn_inputs
 from .backends import Inputs
 
-__all__ = ["attn"]
+__all__ = ["attn", "scaled_dot_product_attention"]
 
 CausalArg = bool | Literal["top_left", "bottom_right"]
 
@@ -53,6 +55,8 @@ def attn(
     need_weights: Literal[True] = ...,
     attn_mask: Tensor | None = ...,
     backend: str | None = ...,
+    bias: Tensor | None = ...,
+    dropout_p: float = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -67,6 +71,8 @@ def attn(
     need_weights: Literal[False],
     attn_mask: Tensor | None = ...,
     backend: str | None = ...,
+    bias: Tensor | None = ...,
+    dropout_p: float = ...,
 ) -> tuple[Tensor, None]: ...
 
 
@@ -81,6 +87,8 @@ def attn(
     need_weights: bool,
     attn_mask: Tensor | None = ...,
     backend: str | None = ...,
+    bias: Tensor | None = ...,
+    dropout_p: float = ...,
 ) -> tuple[Tensor, Tensor | None]: ...
 
 
@@ -94,6 +102,8 @@ def attn(
     need_weights: bool = True,
     attn_mask: Tensor | None = None,
     backend: str | None = None,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     """Tanh attention: ``a = M * tanh(scale * q @ k^T)`` (masked entries exactly 0), ``o = a @ v``.
 
@@ -121,6 +131,11 @@ def attn(
             gradient.
         backend: None (the first backend of ``tanh_attention.backends()`` that supports the
             call) or a backend's name (forced; it must support the call).
+        bias: optional float tensor of q's dtype, broadcastable like the mask, added to the
+            scores before tanh (ALiBi, relative positions); it gets its gradient.
+        dropout_p: drop each weight with this probability and scale the others by
+            ``1 / (1 - dropout_p)``, following ``torch.manual_seed``; ``a`` is returned after
+            dropout.
 
     Returns:
         ``(o, a)``: ``o`` of shape ``(*batch, n, e)`` (the batch of q, k, v and the mask) and
@@ -151,10 +166,184 @@ def attn(
         (True, None)
     """
     shapes = validate_attn_inputs(
-        q, k, v, attn_mask, scale=scale, causal=causal, need_weights=need_weights
+        q,
+        k,
+        v,
+        attn_mask,
+        scale=scale,
+        causal=causal,
+        need_weights=need_weights,
+        bias=bias,
+        dropout_p=dropout_p,
     )
     _validate_backend(backend)
     inputs = Inputs(
-        q, k, v, attn_mask, _as_scale(scale), normalize_causal(causal), need_weights, shapes
+        q,
+        k,
+        v,
+        attn_mask,
+        _as_scale(scale),
+        normalize_causal(causal),
+        need_weights,
+        shapes,
+        bias,
+        dropout_p,
     )
     return dispatch.select(inputs, backend)(inputs)
+
+
+def _validate_sdpa_flags(is_causal: object, enable_gqa: object) -> None:
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise TypeError(
+                f"scaled_dot_product_attention(): argument '{name}' must be a bool, but got "
+                f"{type(flag).__name__} ({flag!r})."
+            )
+
+
+def _sdpa_mask(
+    attn_mask: Tensor | None, is_causal: bool
+) -> tuple[Tensor | None, Tensor | None, CausalArg]:
+    """SDPA's ``attn_mask``/``is_causal`` as ``(bool mask, additive bias, causal)``.
+
+    A float mask is a bias on the scores; its ``-inf`` entries and those at or below
+    ``finfo(dtype).min`` (HuggingFace's "masked") become False in the bool mask and 0 in the
+    bias, so they take no part (weight and gradient exactly 0, never ``tanh(-inf) = -1``).
+    """
+    if attn_mask is None:
+        return None, None, is_causal
+    if is_causal:
+        raise ValueError(
+            "scaled_dot_product_attention(): pass either attn_mask or is_causal=True, not both "
+            "(as torch.nn.functional.scaled_dot_product_attention). Combine them in one mask."
+        )
+    if isinstance(attn_mask, CausalBias):
+        upper = attn_mask.variant == CausalVariant.UPPER_LEFT
+        return None, None, "top_left" if upper else "bottom_right"
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(
+            "scaled_dot_product_attention(): argument 'attn_mask' must be a bool or float "
+            f"torch.Tensor, a CausalBias or None, but got {type(attn_mask).__name__}."
+        )
+    if attn_mask.dtype == torch.bool:
+        return attn_mask, None, False
+    if not attn_mask.is_floating_point():
+        raise TypeError(
+            "scaled_dot_product_attention(): expected 'attn_mask' to be bool (True = takes "
+            f"part) or floating (an additive bias), but got attn_mask.dtype={attn_mask.dtype}."
+        )
+    dropped = attn_mask <= torch.finfo(attn_mask.dtype).min  # -inf too
+    return dropped.logical_not(), attn_mask.masked_fill(dropped, 0.0), False
+
+
+def _group_heads(t: Tensor | None, groups: int, heads: int) -> Tensor | None:
+    """A mask or bias over query heads as ``(..., kv_heads, groups, n, m)`` (a view)."""
+    if t is None or t.dim() < 3:
+        return t
+    if t.shape[-3] == heads:
+        return t.unflatten(-3, (heads // groups, groups))
+    return t.unsqueeze(-3)  # one head (or a broadcast one): shared by every group
+
+
+def _sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`scaled_dot_product_attention` that can also return the weights (HF's
+    ``output_attentions``): ``(o, a or None)``, ``a`` with one head dim of query heads."""
+    _validate_sdpa_flags(is_causal, enable_gqa)
+    if not all(isinstance(t, Tensor) and t.dim() >= 2 for t in (query, key, value)):
+        validate_attn_inputs(query, key, value)  # raises the precise error
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    mask, bias, causal = _sdpa_mask(attn_mask, is_causal)
+    q, k, v = query, key, value
+    groups = 1
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3:
+        heads, kv_heads = query.shape[-3], key.shape[-3]
+        if kv_heads == 0 or heads % kv_heads or value.dim() < 3 or value.shape[-3] != kv_heads:
+            raise ValueError(
+                "scaled_dot_product_attention(): enable_gqa=True needs the query heads "
+                "(dim -3) to be a multiple of the key/value heads, but got "
+                f"query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}, "
+                f"value.shape={tuple(value.shape)}."
+            )
+        groups = heads // kv_heads
+        if groups > 1:
+            # Query heads h = g_kv * groups + j share key/value head g_kv (SDPA's convention):
+            # a view of q and stride-0 dims of k and v, no copy.
+            q = query.unflatten(-3, (kv_heads, groups))
+            k, v = key.unsqueeze(-3), value.unsqueeze(-3)
+            mask, bias = _group_heads(mask, groups, heads), _group_heads(bias, groups, heads)
+    o, a = attn(
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=causal,
+        need_weights=need_weights,
+        attn_mask=mask,
+        bias=bias,
+        dropout_p=dropout_p,
+    )
+    if groups > 1:
+        o = o.flatten(-4, -3)
+        a = None if a is None else a.flatten(-4, -3)
+    return o, a
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Tanh attention with the signature of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Why: models call attention through SDPA; replacing it by this function is a one-line
+    change, with ``tanh(scores)`` in place of ``softmax(scores)`` (no normalisation over keys).
+
+    Args:
+        query: ``(N, ..., Hq, L, E)``.
+        key: ``(N, ..., H, S, E)``.
+        value: ``(N, ..., H, S, Ev)``.
+        attn_mask: None; a bool mask broadcastable to ``(N, ..., Hq, L, S)``, True = takes
+            part; a float mask, added to the scores before tanh (a bias: ALiBi, relative
+            positions; it gets its gradient), whose ``-inf`` entries and entries at or below
+            ``torch.finfo(dtype).min`` do not take part (weight and gradient exactly 0); or
+            ``torch.nn.attention.bias.causal_upper_left(L, S)`` / ``causal_lower_right(L, S)``.
+        dropout_p: dropout on the weights (unbiased, following ``torch.manual_seed``); like
+            SDPA it applies whenever ``dropout_p > 0`` (pass 0.0 in eval mode).
+        is_causal: keep keys ``j <= i`` (top-left, as SDPA). Not together with ``attn_mask``.
+        scale: multiplies ``query @ key^T``; None is ``1 / sqrt(E)``.
+        enable_gqa: ``Hq`` a multiple of ``H``; query head ``h`` uses key/value head
+            ``h // (Hq / H)``, without copying key or value.
+
+    Returns:
+        ``(N, ..., Hq, L, Ev)``.
+
+    Raises:
+        TypeError, ValueError: bad input, as ``tanh_attention.attn``; a mask with
+            ``is_causal=True``; head counts that do not group.
+
+    Example:
+        >>> q, k, v = (torch.randn(1, 4, 3, 8, dtype=torch.float64) for _ in range(3))
+        >>> o = scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True)
+        >>> ref = torch.tanh(q @ k[:, :2].repeat_interleave(2, 1).mT / 8**0.5)
+        >>> bool(torch.allclose(o, ref @ v[:, :2].repeat_interleave(2, 1)))
+        True
+    """
+    return _sdpa(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, need_weights=False
+    )[0]

@@ -23,7 +23,8 @@ NAMESPACE = "tanh_attention"
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(
     "attn_composite(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
-    "float scale=1.0, str causal='none') -> (Tensor, Tensor)"
+    "float scale=1.0, str causal='none', Tensor? bias=None, float dropout_p=0.0) "
+    "-> (Tensor, Tensor)"
 )
 
 
@@ -34,17 +35,21 @@ def attn_composite(
     attn_mask: Tensor | None = None,
     scale: float = 1.0,
     causal: str = "none",
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """The composite tanh attention: ``a = M * tanh(scale * q @ k^T)``, ``o = a @ v``.
+    """The composite tanh attention: ``a = M * tanh(scale * q @ k^T + bias)``, ``o = a @ v``.
 
     Args:
         q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
         attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
         scale: score multiplier.  causal: ``"none"``, ``"top_left"`` or ``"bottom_right"``.
+        bias: optional float tensor added to the scores before tanh, shaped like the mask.
+        dropout_p: dropout on the weights (unbiased; torch's generator).
 
     Returns:
-        ``(o, a)``: ``(*batch, n, e)`` and ``(*weights_batch, n, m)`` (the batch of q, k and
-        the mask).
+        ``(o, a)``: ``(*batch, n, e)`` and ``(*weights_batch, n, m)`` (the batch of q, k, the
+        mask and the bias); ``a`` after dropout.
 
     Example:
         >>> q, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
@@ -52,8 +57,12 @@ def attn_composite(
         >>> bool(torch.allclose(o, torch.tanh(q @ q.T) @ v))
         True
     """
-    validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
-    return formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+    validate_attn_inputs(
+        q, k, v, attn_mask, scale=scale, causal=causal, bias=bias, dropout_p=dropout_p
+    )
+    return formulas.forward(
+        q, k, v, attn_mask, scale=scale, causal=causal, bias=bias, dropout_p=dropout_p
+    )
 
 
 _lib.impl("attn_composite", attn_composite, "CompositeImplicitAutograd")

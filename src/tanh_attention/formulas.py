@@ -108,8 +108,10 @@ def forward(
     *,
     scale: float = 1.0,
     causal: str = "none",
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Forward: ``a = M * tanh(scale * q @ k^T)``, ``o = a @ v``.
+    """Forward: ``a = M * tanh(scale * q @ k^T + bias)``, ``o = dropout(a) @ v``.
 
     Masked scores are set to 0 before tanh, so ``a`` is exactly 0 there (tanh(0) = 0) and
     autograd of this code gives them exactly zero gradient. (Masking with -inf, as softmax
@@ -119,12 +121,24 @@ def forward(
         q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
         attn_mask: optional bool ``(..., n, m)``-broadcastable mask, True = takes part.
         scale: multiplies the scores.  causal: ``"none"``, ``"top_left"`` or ``"bottom_right"``.
+        bias: optional ``(..., n, m)``-broadcastable float tensor added to the scores before
+            tanh (its masked entries do not matter: they are replaced by 0).
+        dropout_p: each weight is dropped with this probability and the others scaled by
+            ``1 / (1 - dropout_p)`` (torch's generator, so ``torch.manual_seed`` fixes it).
 
     Returns:
-        ``(o, a)`` with shapes ``(*batch, n, e)`` and ``(*batch, n, m)``.
+        ``(o, a)`` with shapes ``(*batch, n, e)`` and ``(*weights_batch, n, m)``; ``a`` after
+        dropout.
+
+    The bias and dropout terms have no hand-derived rule here: only the composite op takes
+    them, and autograd derives their backward (``g_bias = g_x``, summed to bias's shape).
     """
-    x = keep(_scores(q, k, scale), causal=causal, attn_mask=attn_mask)
-    a = x.tanh_()
+    x = _scores(q, k, scale)
+    if bias is not None:
+        x = x + bias
+    a = keep(x, causal=causal, attn_mask=attn_mask).tanh()
+    if dropout_p > 0.0:
+        a = torch.nn.functional.dropout(a, dropout_p)
     return torch.matmul(a, v), a
 
 

@@ -34,6 +34,8 @@ class Inputs:
         causal: ``"none"``, ``"top_left"`` or ``"bottom_right"``.
         need_weights: whether the call wants ``a``.
         shapes: the call's sizes (``_checks.Shapes``).
+        bias: None or a float tensor added to the scores before tanh.
+        dropout_p: dropout probability on the weights.
     """
 
     q: Tensor
@@ -44,6 +46,8 @@ class Inputs:
     causal: Causal
     need_weights: bool
     shapes: Shapes
+    bias: Tensor | None = None
+    dropout_p: float = 0.0
 
     @property
     def device_type(self) -> str:
@@ -68,6 +72,8 @@ class Backend:
         returns_weights: whether it can return ``a`` (``need_weights=True``).
         memory_efficient: whether ``need_weights=False`` builds nothing of size ``n x m``.
         max_grad_order: the highest order of derivative it gives (None: any).
+        supports_bias: whether it takes an additive ``bias`` on the scores.
+        supports_dropout: whether it takes ``dropout_p > 0``.
     """
 
     name: ClassVar[str]
@@ -80,6 +86,8 @@ class Backend:
     returns_weights: ClassVar[bool] = True
     memory_efficient: ClassVar[bool] = False
     max_grad_order: ClassVar[int | None] = None
+    supports_bias: ClassVar[bool] = False
+    supports_dropout: ClassVar[bool] = False
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None if it can."""
@@ -115,6 +123,10 @@ class Backend:
             reasons.append(f"does not take causal={inputs.causal!r}")
         if inputs.need_weights and not self.returns_weights:
             reasons.append("returns o only (need_weights=False)")
+        if inputs.bias is not None and not self.supports_bias:
+            reasons.append("does not take an additive bias (a float attn_mask)")
+        if inputs.dropout_p > 0.0 and not self.supports_dropout:
+            reasons.append("does not do dropout")
         return reasons
 
     def dispatch_reasons(self, inputs: Inputs) -> list[str]:

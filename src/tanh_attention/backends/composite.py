@@ -21,9 +21,18 @@ class CompositeBackend(Backend):
         "backward; any device; builds the n x m weights even for need_weights=False"
     )
     device_types: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
+    supports_bias = True
+    supports_dropout = True  # stores the n x m dropout mask for backward
 
     def __call__(self, inputs: Inputs) -> tuple[Tensor, Tensor | None]:
         o, a = torch.ops.tanh_attention.attn_composite(
-            inputs.q, inputs.k, inputs.v, inputs.attn_mask, inputs.scale, inputs.causal
+            inputs.q,
+            inputs.k,
+            inputs.v,
+            inputs.attn_mask,
+            inputs.scale,
+            inputs.causal,
+            inputs.bias,
+            inputs.dropout_p,
         )
         return o, (a if inputs.need_weights else None)

@@ -1,29 +1,107 @@
-"""The Triton backend: fused GPU kernels. Not in this version yet; it is listed so that
-``backends()`` and ``tanh-attention check`` say so, and a forced ``backend="triton"`` fails
-with that reason instead of an unknown name."""
+"""The Triton backend: fused kernels (``kernels/triton_attn.py``) behind two op pairs,
+``torch.ops.tanh_attention.triton_attn`` (with weights) and ``triton_attn_lean`` (o only,
+nothing of size ``n x m``), declared by ``ops.declare_op_pair`` at the first call.
+
+Triton is imported lazily: ``import tanh_attention`` neither needs nor imports it; the kernel
+module is imported, and the ops registered, when this backend first runs. CUDA tensors run
+the compiled kernels; CPU tensors run Triton's interpreter, only when ``TRITON_INTERPRET=1``
+was set before ``tanh_attention`` was imported (Triton reads it when its kernels are
+defined), and only when forced with ``backend="triton"``: the interpreter is right but slow.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
+from .. import _torch_private
+from ..ops import Kernels, OpPair, declare_op_pair
 from . import Backend, Inputs
 
-__all__ = ["TritonBackend"]
+__all__ = ["TritonBackend", "op_pairs"]
+
+# Read once, at import, as Triton reads it once when its kernels are defined.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_LOCK = threading.Lock()
+_PAIRS: tuple[OpPair, OpPair] | None = None
+
+
+def op_pairs() -> tuple[OpPair, OpPair]:
+    """``(triton_attn, triton_attn_lean)``: imports Triton and registers the ops on first use.
+
+    Call it once eagerly before ``torch.compile`` of a region that uses the backend with
+    ``fullgraph=True`` (registering an op cannot be traced).
+    """
+    global _PAIRS
+    with _LOCK:
+        if _PAIRS is None:
+            from ..kernels import blockwise, triton_attn
+
+            # Forward AD's tangent of o comes from the blocked JVP (torch code, any device).
+            k = Kernels(triton_attn.forward, triton_attn.backward, blockwise.jvp)
+            per_device = {"cpu": k, "cuda": k}
+            _PAIRS = (
+                declare_op_pair("triton_attn", weights=True, kernels=per_device),
+                declare_op_pair("triton_attn_lean", weights=False, kernels=per_device),
+            )
+        return _PAIRS
 
 
 class TritonBackend(Backend):
     name = "triton"
-    description = "fused Triton kernels for CUDA (CPU tensors under TRITON_INTERPRET=1)"
-    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
+    description = (
+        "torch.ops.tanh_attention.triton_attn / triton_attn_lean: fused Triton kernels for "
+        "CUDA (CPU tensors under TRITON_INTERPRET=1, forced only); o-only path never builds "
+        "n x m"
+    )
+    device_types: ClassVar[frozenset[str]] = (
+        frozenset({"cuda", "cpu"}) if INTERPRET else frozenset({"cuda"})
+    )
+    max_head_dim = 256
     memory_efficient = True
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("triton") is None:
-            return "Triton is not installed"
-        return "no Triton kernels in this version of tanh-attention yet"
+            return "Triton is not installed (pip install triton)"
+        if not INTERPRET and not torch.cuda.is_available():
+            return (
+                "no CUDA device (set TRITON_INTERPRET=1 before importing tanh_attention to "
+                "run Triton's interpreter on CPU tensors)"
+            )
+        return None
+
+    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
+        reasons = super().not_supported_reasons(inputs)
+        scale = inputs.scale
+        if (
+            isinstance(scale, float)
+            and inputs.dtype != torch.float64
+            and abs(scale) > torch.finfo(torch.float32).max
+        ):
+            reasons.append(f"scores in float32: scale={scale} is beyond its range")
+        why = _torch_private.AUTOGRAD_KERNEL_REASON
+        if why is not None and (
+            _torch_private.functorch_active()
+            or _torch_private.tangents((inputs.q, inputs.k, inputs.v)) is not None
+        ):
+            reasons.append(f"forward AD and torch.func need private torch API here: {why}")
+        return reasons
+
+    def dispatch_reasons(self, inputs: Inputs) -> list[str]:
+        if inputs.device_type == "cpu":
+            return ["CPU tensors run Triton's interpreter only when forced (backend='triton')"]
+        return []
 
     def __call__(self, inputs: Inputs) -> tuple[Tensor, Tensor | None]:
-        raise NotImplementedError(self.unavailable_reason())
+        weights, lean = op_pairs()
+        args = (inputs.q, inputs.k, inputs.v, inputs.attn_mask, inputs.scale, inputs.causal)
+        if inputs.need_weights:
+            o, a = weights.forward(*args)
+            return o, a
+        return lean.forward(*args), None

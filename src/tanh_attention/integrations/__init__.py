@@ -1,0 +1,1 @@
+"""Integrations with libraries that call attention (each imports its library lazily)."""
