@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tanh_attention.tools import bench, cli
 
@@ -125,3 +126,19 @@ def test_jax_baseline_computes_the_same_thing(weights: bool, causal: bool) -> No
     ref_grads = torch.autograd.grad(ref, (q, k, v), tuple(c.double() for c in cot))
     for got, want in zip((*outputs, *grads), (*ref, *ref_grads), strict=True):
         np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_decode_bench_runs_and_times_the_same_computation() -> None:
+    from tanh_attention.tools import bench_decode
+
+    config = bench_decode.DecodeConfig(n=16, m=64)
+    runners = bench_decode._runners(config)
+    torch.testing.assert_close(runners["ours"](), runners["composite"](), rtol=1e-5, atol=1e-5)
+    report = bench_decode.run_decode([config, bench_decode.DecodeConfig(1, 64, "bfloat16")])
+    assert report["copy_rate"] > 0 and len(report["rows"]) == 2
+    for row in report["rows"]:
+        assert row["ours_ms"] > 0 and row["vs_limit"] > 0 and row["vs_composite"] > 0
+    assert "| n=16 m=64 f32 |" in bench_decode.markdown(report)
+    sweep = bench_decode.decode_sweep()
+    assert {c.n for c in sweep} == {1, 16} and {c.m for c in sweep} >= {1024, 32768}
+    assert {c.dtype for c in sweep} == {"float32", "bfloat16"}

@@ -55,8 +55,13 @@ BLOCK_COLS = 1024
 _SMALL = 16384
 
 
-def _all_finite(*tensors: Tensor | None) -> bool:
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+def _all_finite(t: Tensor | None) -> bool:
+    """Whether ``t`` holds no NaN or infinity, by one reduction: a sum of finite values that
+    overflows reads as non-finite, which only costs the skipping, never a wrong answer."""
+    if t is None or t.numel() == 0:
+        return True
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    return bool(torch.isfinite(total))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +77,8 @@ class _Tile:
 class _Problem:
     """The inputs of one call, flattened to ``(B, rows, features)``, and its blocks.
 
-    ``skip_causal``: whether blocks wholly above the causal boundary may be skipped, i.e.
-    whether the inputs those blocks would multiply by zero are all finite (module doc).
+    ``skip``: whether blocks wholly above the causal boundary are skipped; the drivers keep
+    it only where the inputs those blocks would multiply by zero are all finite (module doc).
     """
 
     def __init__(
@@ -86,7 +91,6 @@ class _Problem:
         causal: str,
         block_rows: int | None,
         block_cols: int | None,
-        skip_causal: bool = True,
     ) -> None:
         shapes = validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
         memory.warm_heap()  # block buffers stay in the heap, not faulted in again per block
@@ -101,10 +105,15 @@ class _Problem:
             self.compute = torch.float64
         self.scale = scale
         self.diagonal = causal_diagonal(causal, self.n, self.m)
-        self.skip = self.diagonal is not None and skip_causal
+        self.skip = self.diagonal is not None
         self.mask = None if attn_mask is None else attn_mask.expand(*self.batch, self.n, self.m)
         self.rows = max(1, min(self.n, block_rows or BLOCK_ROWS))
-        self.cols = max(1, min(self.m, block_cols or BLOCK_COLS))
+        cols = block_cols or BLOCK_COLS
+        if block_cols is None and self.rows < BLOCK_ROWS:
+            # Few rows (a decoding step): wider blocks of the same area, so a long cache is a
+            # few blocks, not one Python iteration per 1024 keys.
+            cols = max(BLOCK_COLS, (BLOCK_ROWS * BLOCK_COLS) // self.rows)
+        self.cols = max(1, min(self.m, cols))
         entries = self.n * self.m
         whole = self.rows == self.n and self.cols == self.m
         self.group = (
@@ -122,6 +131,28 @@ class _Problem:
     def zeros(self, rows: int, cols: int) -> Tensor:
         """A ``(*batch, rows, cols)`` accumulator in the compute dtype."""
         return torch.zeros(*self.batch, rows, cols, dtype=self.compute, device=self.device)
+
+    def keep_skipping_if_finite(
+        self, columns: Sequence[Tensor | None] = (), rows: Sequence[Tensor | None] = ()
+    ) -> None:
+        """Skip causal blocks only if the keys (``columns``: tensors ``(..., m, .)``) and the
+        queries (``rows``: ``(..., n, .)``) that skipped blocks would multiply by zero are
+        all finite; else visit every block (the package's rule for non-finite inputs)."""
+        if not self.skip:
+            return
+        ends = [self.causal_end(min(self.n, i0 + self.rows)) for i0 in range(0, self.n, self.rows)]
+        starts = range(0, self.n, self.rows)
+        skipping = [i0 for i0, end in zip(starts, ends, strict=True) if end < self.m]
+        if not skipping:
+            self.skip = False  # nothing would be skipped: no check needed
+            return
+        first_col = ends[0]  # the row blocks' ends grow with the rows
+        last_row = min(self.n, skipping[-1] + self.rows)
+        finite = all(_all_finite(None if t is None else t[..., first_col:, :]) for t in columns)
+        finite = finite and all(
+            _all_finite(None if t is None else t[..., :last_row, :]) for t in rows
+        )
+        self.skip = finite
 
     def prescale(self, q: Tensor, k: Tensor) -> bool:
         """Whether ``(scale * q) @ k^T`` cannot overflow where ``q @ k^T`` does not: true when
@@ -227,8 +258,7 @@ def forward(
         True
     """
     p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
-    if p.skip and not _all_finite(v):
-        p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols, skip_causal=False)
+    p.keep_skipping_if_finite(columns=[v])
     o = p.zeros(p.n, p.e)
     where = p.weights_index()
     a = None
@@ -302,8 +332,9 @@ def backward(
     if not (need_q or need_k or need_v):
         return None, None, None
     p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
-    if p.skip and not _all_finite(q if need_k else None, k if need_q else None, grad_o):
-        p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols, skip_causal=False)
+    p.keep_skipping_if_finite(
+        columns=[k if need_q else None], rows=[q if need_k else None, grad_o if need_v else None]
+    )
     # Recomputing, each block is made transposed (tanh(scale * k_J @ q_I^T), cols x rows), so
     # that only g_q's product reads a block transposed (blocks.vjp_block_; measured by
     # benchmarks/orientation.py). With a saved a, transposing its blocks would cost a copy.
@@ -384,8 +415,7 @@ def jvp(
         ``t_o`` of shape ``(*batch, n, e)`` (zeros when no tangent is given).
     """
     p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
-    if p.skip and not _all_finite(v, t_v):
-        p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols, skip_causal=False)
+    p.keep_skipping_if_finite(columns=[v, t_v])
     t_o = p.zeros(p.n, p.e)
     if not p.empty and not (t_q is None and t_k is None and t_v is None):
         q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)

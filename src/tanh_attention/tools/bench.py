@@ -742,6 +742,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(IMPLEMENTATIONS),
         help=f"comma-separated subset of {','.join(IMPLEMENTATIONS)}",
     )
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="decoding steps instead: n = 1, 16 queries against m = 1024..32768 cached keys "
+        "(B x H = 32, d = 128, bottom-right causal, o only) vs the composite and the memory "
+        "limit (with --quick: m <= 4096)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (>= 5)")
     parser.add_argument(
         "--memory",
@@ -773,6 +780,8 @@ def _validate(args: argparse.Namespace) -> None:
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run."""
     words = ["tanh-attention", "bench"]
+    if args.decode:
+        words.append("--decode")
     if args.quick:
         words.append("--quick")
     if args.sizes:
@@ -806,6 +815,8 @@ def run(args: argparse.Namespace) -> int:
 
     _validate(args)
     console = Console(stderr=True)
+    if args.decode:
+        return _run_decode(args, console)
     configs = sweep(quick=args.quick, sizes=args.sizes)
     memory = args.memory
     if args.quick and memory == "main":
@@ -872,6 +883,30 @@ def run(args: argparse.Namespace) -> int:
             plot(report, args.plot)
         except ImportError:
             console.print("matplotlib is not installed (pip install matplotlib): no plot written")
+    return 0
+
+
+def _run_decode(args: argparse.Namespace, console: Any) -> int:
+    """``tanh-attention bench --decode``: see ``bench_decode``."""
+    from . import bench_decode
+
+    configs = bench_decode.decode_sweep(quick=args.quick)
+    total = len(configs)
+    done = [0]
+
+    def progress(label: str) -> None:
+        done[0] += 1
+        console.print(f"[{done[0]}/{total}] {time.strftime('%H:%M:%S')} decode {label}")
+
+    report = bench_decode.run_decode(configs, repeats=args.repeats, progress=progress)
+    report["machine"] = machine_info()
+    report["command"] = _command(args)
+    text = bench_decode.markdown(report)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
     return 0
 
 
