@@ -12,6 +12,7 @@ import importlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -387,3 +388,46 @@ def test_compiled_layer_dynamic() -> None:
         got, _ = compiled(x, x, x, need_weights=False)
         want, _ = layer(x, x, x, need_weights=False)
         _close(got, want)
+
+
+def test_bias_and_dropout_on_every_backend_or_a_reason() -> None:
+    q, k, v = (x.requires_grad_() for x in _inputs())
+    bias = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    for b in tanh_attention.backends():
+        if not b.available:
+            continue
+        if not b.supports_bias:
+            with pytest.raises(ValueError, match="does not take an additive bias"):
+                attn(q, k, v, bias=bias, backend=b.name)
+            continue
+        o, a = attn(q, k, v, bias=bias, causal="bottom_right", backend=b.name)
+        keep = torch.ones(3, 5, dtype=torch.bool).tril(2)
+        a_ref = torch.tanh(torch.where(keep, q @ k.mT + bias, torch.zeros((), dtype=F64)))
+        _close((o, a), (a_ref @ v, a_ref))
+
+        def f(*x: torch.Tensor, name: str = b.name) -> torch.Tensor:
+            return attn(*x[:3], bias=x[3], backend=name)[0]
+
+        assert torch.autograd.gradcheck(f, (q, k, v, bias))
+        assert torch.autograd.gradgradcheck(f, (q, k, v, bias))
+    with pytest.raises(ValueError, match="does not do dropout"):
+        attn(q, k, v, dropout_p=0.5, backend="cpu")
+    o, _ = attn(q, k, v, bias=bias)  # the dispatcher finds the backend that takes it
+    torch.testing.assert_close(o, torch.tanh(q @ k.mT + bias) @ v)
+
+
+class _Biased(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> Any:
+        return tanh_attention.scaled_dot_product_attention(q, k, v, b)
+
+
+@pytest.mark.slow
+def test_export_with_bias(tmp_path: Path) -> None:
+    q, k, v = (torch.randn(2, 3, 4, dtype=F64) for _ in range(3))
+    bias = torch.randn(3, 3, dtype=F64).masked_fill(torch.ones(3, 3).triu(1).bool(), -torch.inf)
+    ep = torch.export.export(_Biased(), (q, k, v, bias))
+    torch.export.save(ep, tmp_path / "sdpa.pt2")
+    got = torch.export.load(tmp_path / "sdpa.pt2").module()(q, k, v, bias)
+    keep = bias > -torch.inf
+    want = torch.tanh(torch.where(keep, q @ k.mT / 2 + bias, torch.zeros((), dtype=F64))) @ v
+    _close(got, want)

@@ -161,3 +161,14 @@ def test_kernel_examples_exist() -> None:
     for module in ("tanh_attention.kernels.cpu", "tanh_attention.kernels.blockwise"):
         tests = finder.find(importlib.import_module(module), module)
         assert sum(len(t.examples) for t in tests) > 0, module
+
+
+def test_readme_huggingface_example_runs() -> None:
+    """The README's transformers example, as a user would paste it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    (example,) = [b for b in blocks if "integrations.transformers import register" in b]
+    code = example.replace("print(", "shape = (")
+    scope: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert tuple(scope["shape"]) == (1, 12)  # type: ignore[arg-type]
