@@ -144,3 +144,28 @@ def test_o_only_forward_ad_never_allocates_n_by_m(causal: str) -> None:
     assert tangent is not None and tangent.shape == o.shape
     assert len(forward.sizes) > 10
     assert forward.at_least(N * M) == []
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["o_only", "with_weights"])
+def test_gqa_never_copies_keys_or_values_per_head(weights: bool) -> None:
+    """SDPA's enable_gqa (and attn with keys shared by heads): no tensor as large as the keys
+    or values repeated over the query heads is made, in forward or in backward. (Problems
+    with fewer than 16384 scores are grouped several per block, which copies the grouped
+    blocks' keys; a KV cache is larger than that.)"""
+    groups, kv_heads, m, d = 4, 2, 4000, 16
+    q = torch.randn(1, kv_heads * groups, 5, d, requires_grad=True)
+    k = torch.randn(1, kv_heads, m, d, requires_grad=True)
+    v = torch.randn(1, kv_heads, m, d, requires_grad=True)
+    repeated = groups * k.numel()
+    with _Allocations() as seen:
+        if weights:
+            o, _ = tanh_attention.attn(q.unflatten(1, (kv_heads, groups)), k[:, :, None],
+                                       v[:, :, None])  # fmt: skip
+        else:
+            o = tanh_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        o.sum().backward()
+    copies = [(name, size) for name, size in seen.sizes if size >= repeated]
+    # The n x m weights (5 x 4000 per head) stay below k repeated (4000 x 16 per head); the
+    # gradients of k and v are accumulated over the batch and summed per group.
+    allowed = {"aten.zeros.default", "aten.sum.dim_IntList", "aten.sum.default"}
+    assert all(name in allowed for name, _ in copies), copies

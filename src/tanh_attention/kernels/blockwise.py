@@ -64,6 +64,22 @@ def _all_finite(t: Tensor | None) -> bool:
     return bool(torch.isfinite(total))
 
 
+class _Broadcast:
+    """A broadcast input seen as ``(B, rows, cols)`` without materializing the broadcast:
+    ``[batch, rows(, cols)]`` returns ``(G, r, c)``, a view of the input's memory for one
+    problem (a copy only of the G tiny problems a grouped block holds)."""
+
+    def __init__(self, full: Tensor, problem: _Problem) -> None:
+        self.full, self.problem = full, problem
+
+    def __getitem__(self, index: tuple[slice, ...]) -> Tensor:
+        batch, rest = index[0], index[1:]
+        blocks = [
+            self.full[self.problem.batch_index(b)][rest] for b in range(batch.start, batch.stop)
+        ]
+        return blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tile:
     """One block: problems ``batch``, rows ``rows`` and columns ``cols`` of the n x m matrix."""
@@ -121,12 +137,21 @@ class _Problem:
         )
         self.empty = self.size * entries == 0
 
-    def flat(self, t: Tensor | None, rows: int, cols: int, compute: bool = True) -> Tensor | None:
-        """``t`` expanded to the batch shape as ``(B, rows, cols)``; a copy only if broadcast."""
+    def flat(
+        self, t: Tensor | None, rows: int, cols: int, compute: bool = True
+    ) -> Tensor | _Broadcast | None:
+        """``t`` as ``(B, rows, cols)`` over the batch, indexed ``[batch, rows(, cols)]`` by
+        the drivers: a view where ``t`` has the whole batch, else a :class:`_Broadcast` whose
+        blocks are views of ``t``'s own memory (keys and values shared by heads, as GQA
+        shares them, are never copied per head). ``compute``: in the compute dtype."""
         if t is None:
             return None
-        t = t.expand(*self.batch, rows, cols).reshape(self.size, rows, cols)
-        return t.to(self.compute) if compute else t
+        if compute:
+            t = t.to(self.compute)  # t's own size: no broadcast copy
+        full = t.expand(*self.batch, rows, cols)
+        if full.shape[:-2] == t.shape[:-2]:
+            return full.reshape(self.size, rows, cols)
+        return _Broadcast(full, self)
 
     def zeros(self, rows: int, cols: int) -> Tensor:
         """A ``(*batch, rows, cols)`` accumulator in the compute dtype."""
@@ -162,8 +187,8 @@ class _Problem:
         if self.scale == 1.0 or q.numel() == 0 or k.numel() == 0:
             return True
         top = torch.finfo(self.compute).max / 4
-        big_q = torch.linalg.vector_norm(q, dim=-1).amax().item()
-        big_k = torch.linalg.vector_norm(k, dim=-1).amax().item()
+        big_q = torch.linalg.vector_norm(q.to(self.compute), dim=-1).amax().item()
+        big_k = torch.linalg.vector_norm(k.to(self.compute), dim=-1).amax().item()
         s = abs(self.scale)
         return s * max(big_q, big_k, 1.0) <= top and s * big_q * big_k <= top
 
@@ -195,12 +220,13 @@ class _Problem:
         if self.mask is None:
             return None
         blocks = [
-            self.mask[self._index(b)][tile.rows, tile.cols]
+            self.mask[self.batch_index(b)][tile.rows, tile.cols]
             for b in range(tile.batch.start, tile.batch.stop)
         ]
         return blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)
 
-    def _index(self, b: int) -> tuple[int, ...]:
+    def batch_index(self, b: int) -> tuple[int, ...]:
+        """The multi-index of flat problem ``b`` in the batch shape."""
         index = []
         for size in reversed(self.batch):
             b, r = divmod(b, size)
@@ -270,7 +296,7 @@ def forward(
         q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
         assert q3 is not None and k3 is not None and v3 is not None
         o3, a3 = o.view(p.size, p.n, p.e), None if a is None else a.view(p.size, p.n, p.m)
-        prescale = p.prescale(q3, k3)
+        prescale = p.prescale(q, k)
         for t in p.tiles():
             block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale)
             forward_block_(
@@ -357,7 +383,7 @@ def backward(
         g_q3 = None if g_q is None else g_q.view(p.size, p.n, p.d)
         g_k3 = None if g_k is None else g_k.view(p.size, p.m, p.d)
         g_v3 = None if g_v is None else g_v.view(p.size, p.m, p.e)
-        prescale = a3 is not None or p.prescale(q3, k3)
+        prescale = a3 is not None or p.prescale(q, k)
         for t in p.tiles():
             mask = p.mask_block(t)
             if a3 is None:
@@ -422,7 +448,7 @@ def jvp(
         assert q3 is not None and k3 is not None and v3 is not None
         tq3, tk3, tv3 = p.flat(t_q, p.n, p.d), p.flat(t_k, p.m, p.d), p.flat(t_v, p.m, p.e)
         t_o3 = t_o.view(p.size, p.n, p.e)
-        prescale = p.prescale(q3, k3)
+        prescale = p.prescale(q, k)
         for t in p.tiles():
             mask = p.mask_block(t)
             a_block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale)
