@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -186,6 +187,13 @@ def test_missing_matplotlib_skips_the_plot(tmp_path: Path, monkeypatch: pytest.M
         (["--seq-len", "8", "--pairs", "4"], "--seq-len/--pairs"),
         (["--d-model", "10", "--heads", "4"], "--d-model must be divisible by --heads"),
         (["--device", "nonsense"], "--device"),
+        (["--context-parallel"], "--context-parallel needs --nproc"),
+        (["--nproc", "2", "--batch-size", "3"], "--batch-size must be divisible by --nproc"),
+        (
+            ["--nproc", "2", "--context-parallel", "--seq-len", "13"],
+            "--seq-len must be divisible by --nproc",
+        ),
+        (["--nproc", "2", "--context-parallel", "--compile"], "--compile does not combine"),
         *(
             [(["--device", "cuda"], "CUDA is not available")]
             if not torch.cuda.is_available()
@@ -239,3 +247,52 @@ def test_importing_the_command_is_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# Across processes: --nproc (DDP) and --context-parallel
+# --------------------------------------------------------------------------------------------
+
+_NPROC_ARGS = [
+    "--steps", "6", "--seq-len", "16", "--d-model", "16", "--heads", "2", "--layers", "2",
+    "--batch-size", "8", "--threads", "1",
+]  # fmt: skip
+
+
+def _one_process_losses(argv: list[str]) -> dict[str, list[float]]:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    config = train._config_from_args(parser.parse_args(argv))
+    before = torch.get_num_threads()
+    try:
+        return {k: train.train_one(config, k)["losses"] for k in train.KINDS}
+    finally:
+        torch.set_num_threads(before)
+
+
+def _two_process_report(argv: list[str], tmp_path: Path, capsys: Any) -> dict[str, Any]:
+    assert _run([*argv, "--json", "--out", str(tmp_path)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_context_parallel_across_two_processes_matches_one_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--nproc 2 --context-parallel: the tanh model's sequence is sharded across 2 gloo
+    processes, the softmax model's batch (DDP); both loss curves equal one process's."""
+    reference = _one_process_losses(_NPROC_ARGS)
+    argv = [*_NPROC_ARGS, "--nproc", "2", "--context-parallel"]
+    report = _two_process_report(argv, tmp_path, capsys)
+    assert report["config"]["nproc"] == 2 and report["config"]["context_parallel"]
+    for kind in train.KINDS:
+        assert report["models"][kind]["losses"] == pytest.approx(reference[kind], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_data_parallel_across_two_processes_matches_one_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reference = _one_process_losses(_NPROC_ARGS)
+    report = _two_process_report([*_NPROC_ARGS, "--nproc", "2"], tmp_path, capsys)
+    for kind in train.KINDS:
+        assert report["models"][kind]["losses"] == pytest.approx(reference[kind], rel=1e-5)

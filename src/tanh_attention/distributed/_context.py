@@ -97,8 +97,14 @@ def _block_mask(
 
 
 def _local_checks(
-    q: object, k: object, v: object, attn_mask: object, method: object, load_balance: object,
-    causal: object, scale: object,
+    q: object,
+    k: object,
+    v: object,
+    attn_mask: object,
+    method: object,
+    load_balance: object,
+    causal: object,
+    scale: object,
 ) -> str:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -116,10 +122,7 @@ def _local_checks(
             f"{_WHERE}: argument 'method' must be one of {METHODS}, but got {method!r}."
         )
     _layout.check_load_balance(load_balance, _WHERE)
-    if isinstance(causal, str) or isinstance(causal, bool):
-        normalized = _CAUSAL.get(causal)  # type: ignore[call-overload]
-    else:
-        normalized = None
+    normalized = _CAUSAL.get(causal) if isinstance(causal, (str, bool)) else None  # type: ignore[call-overload]
     if normalized is None:
         raise ValueError(
             f"{_WHERE}: argument 'causal' must be False, True, 'top_left' or 'bottom_right', "
@@ -169,12 +172,16 @@ def _local_checks(
     return normalized
 
 
-def _agree(group: Any, error: BaseException | None, sizes: list[int], w: int) -> None:
+def _agree(
+    group: Any, error: BaseException | None, sizes: list[int], w: int, device: torch.device
+) -> None:
     """Exchange ``[ok, *sizes]`` among the ranks; raise on every rank if any rank failed or the
-    local sizes differ between ranks (the same error on every rank: no rank is left waiting)."""
-    row = torch.tensor([0 if error else 1, *sizes], dtype=torch.int64)
-    table = torch.empty(w, row.numel(), dtype=torch.int64)
-    dist.all_gather_into_tensor(table, row, group=group)
+    local sizes differ between ranks (the same error on every rank: no rank is left waiting).
+    ``device``: where the collective runs (the inputs' device: CPU for gloo, CUDA for NCCL)."""
+    row = torch.tensor([0 if error else 1, *sizes], dtype=torch.int64, device=device)
+    flat = torch.empty(w * row.numel(), dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(flat, row, group=group)
+    table = flat.view(w, row.numel()).cpu()
     if error is not None:
         raise error
     failed = [r for r in range(w) if table[r, 0] == 0]
@@ -243,8 +250,16 @@ def _full_keys(
 
 
 def _allgather(
-    q: Tensor, k: Tensor, v: Tensor, group: Any, rank: int, w: int, lb: str | None,
-    attn_mask: Tensor | None, scale: float, causal: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Any,
+    rank: int,
+    w: int,
+    lb: str | None,
+    attn_mask: Tensor | None,
+    scale: float,
+    causal: str,
 ) -> Tensor:
     k_glob = _layout.global_order(_layout.all_gather_seq(k, k.dim() - 2, group), -2, w, lb)
     v_glob = _layout.global_order(_layout.all_gather_seq(v, v.dim() - 2, group), -2, w, lb)
@@ -261,22 +276,31 @@ def _seq_to_heads(x: Tensor, group: Any, w: int) -> Tensor:
     h, length = x.shape[-3], x.shape[-2]
     y = x.unflatten(-3, (w, h // w)).movedim(-4, 0).contiguous()
     y = funcol.wait_tensor(funcol.all_to_all_single(y, None, None, group))
-    return y.movedim(0, -3).flatten(-3, -2).reshape(*x.shape[:-3], h // w, w * length, x.shape[-1])
+    y = y.movedim(0, -3).flatten(-3, -2)
+    return y.reshape(*x.shape[:-3], h // w, w * length, x.shape[-1]).contiguous()
 
 
 def _heads_to_seq(x: Tensor, group: Any, w: int) -> Tensor:
     """The inverse of :func:`_seq_to_heads`."""
     from torch.distributed import _functional_collectives as funcol
 
-    hl, total = x.shape[-3], x.shape[-2]
+    total = x.shape[-2]
     y = x.unflatten(-2, (w, total // w)).movedim(-3, 0).contiguous()
     y = funcol.wait_tensor(funcol.all_to_all_single(y, None, None, group))
-    return y.movedim(0, -4).flatten(-4, -3)
+    return y.movedim(0, -4).flatten(-4, -3).contiguous()
 
 
 def _alltoall(
-    q: Tensor, k: Tensor, v: Tensor, group: Any, rank: int, w: int, lb: str | None,
-    attn_mask: Tensor | None, scale: float, causal: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Any,
+    rank: int,
+    w: int,
+    lb: str | None,
+    attn_mask: Tensor | None,
+    scale: float,
+    causal: str,
 ) -> Tensor:
     h = q.shape[-3]
     if h % w:
@@ -284,7 +308,7 @@ def _alltoall(
             f"{_WHERE}: method='alltoall' needs the heads (dim -3) divisible by the world size "
             f"{w}, but got q.shape={tuple(q.shape)}."
         )
-    g = group if group is not None else dist.group.WORLD
+    g = _layout.process_group(group)
     qh, kh, vh = (_layout.global_order(_seq_to_heads(t, g, w), -2, w, lb) for t in (q, k, v))
     mask = attn_mask
     if mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1:
@@ -311,15 +335,7 @@ def _exchange(tensors: list[Tensor], group: Any, rank: int, w: int) -> list[Tens
 
     Every rank posts the same ops in the same order (gloo hangs otherwise); buffers are
     contiguous."""
-    g = group if group is not None else dist.group.WORLD
-    nxt = dist.get_global_rank(g, (rank + 1) % w) if group is not None else (rank + 1) % w
-    prv = dist.get_global_rank(g, (rank - 1) % w) if group is not None else (rank - 1) % w
-    out = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, g) for t in tensors]
-    ops += [dist.P2POp(dist.irecv, t, prv, g) for t in out]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return out
+    return _finish_exchange(_start_exchange(tensors, group, rank, w))
 
 
 class _RingAttn(torch.autograd.Function):
@@ -357,8 +373,12 @@ class _RingAttn(torch.autograd.Function):
                 mask, mode = _block_mask(attn_mask, rs, rc, lo, hi, mode, n, m, causal, q.device)
                 oc.add_(
                     torch.ops.tanh_attention.attn_lean(
-                        qc, blk[0].narrow(-2, kl, hi - lo), blk[1].narrow(-2, kl, hi - lo),
-                        mask, scale, mode,
+                        qc,
+                        blk[0].narrow(-2, kl, hi - lo),
+                        blk[1].narrow(-2, kl, hi - lo),
+                        mask,
+                        scale,
+                        mode,
                     ).expand_as(oc)
                 )
             if pending is not None:
@@ -374,9 +394,12 @@ class _RingAttn(torch.autograd.Function):
         n, m = q.shape[-2] * w, k.shape[-2] * w
         rows = _layout.chunks(rank, w, q.shape[-2], lb)
         wide = torch.promote_types(q.dtype, torch.float32)
-        g_q = torch.zeros(q.shape, dtype=wide)
+        g_q = torch.zeros(q.shape, dtype=wide, device=q.device)
         blk = [k.contiguous(), v.contiguous()]
-        acc = [torch.zeros(k.shape, dtype=wide), torch.zeros(v.shape, dtype=wide)]
+        acc = [
+            torch.zeros(k.shape, dtype=wide, device=k.device),
+            torch.zeros(v.shape, dtype=wide, device=v.device),
+        ]
         grad_o = grad_o.contiguous()
         for step in range(w):
             owner = (rank - step) % w
@@ -398,13 +421,21 @@ class _RingAttn(torch.autograd.Function):
                 blk = _finish_exchange(pending)
         g_k, g_v = acc
         return (
-            g_q.to(q.dtype), g_k.to(k.dtype), g_v.to(v.dtype),
-            None, None, None, None, None, None, None,
+            g_q.to(q.dtype),
+            g_k.to(k.dtype),
+            g_v.to(v.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
 def _start_exchange(tensors: list[Tensor], group: Any, rank: int, w: int) -> Any:
-    g = group if group is not None else dist.group.WORLD
+    g = _layout.process_group(group)
     nxt = dist.get_global_rank(g, (rank + 1) % w)
     prv = dist.get_global_rank(g, (rank - 1) % w)
     out = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
@@ -421,8 +452,16 @@ def _finish_exchange(pending: Any) -> list[Tensor]:
 
 
 def _pairs(
-    q: Tensor, o: Tensor, rows: list[tuple[int, int]], owner: int, w: int, kl: int,
-    lb: str | None, n: int, m: int, causal: str,
+    q: Tensor,
+    o: Tensor,
+    rows: list[tuple[int, int]],
+    owner: int,
+    w: int,
+    kl: int,
+    lb: str | None,
+    n: int,
+    m: int,
+    causal: str,
 ) -> Any:
     """Yield ``(q rows, o rows, (rs, rc, lo, hi, local key start, mode))`` for each kept block
     pair of this rank's row pieces and ``owner``'s key pieces."""
@@ -495,7 +534,8 @@ def context_parallel_attn(
     except (TypeError, ValueError) as e:
         error, sizes = e, [0, 0, 0]
     if not torch.compiler.is_compiling():
-        _agree(group, error, sizes, w)
+        device = q.device if isinstance(q, Tensor) else torch.device("cpu")
+        _agree(group, error, sizes, w, device)
     elif error is not None:
         raise error
     n, m = q.shape[-2] * w, k.shape[-2] * w

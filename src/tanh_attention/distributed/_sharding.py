@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["OPS", "register"]
 
-# (op name, number of leading tensor arguments, index of `causal`, tensor roles)
+# the tensor arguments of the forward and backward ops, in schema order
 _FORWARD_ROLES = ("q", "k", "v", "mask")
 _BACKWARD_ROLES = ("grad_o", "grad_a", "q", "k", "v", "a", "mask")
 OPS = ("attn", "attn_lean", "attn_backward", "attn_lean_backward")
@@ -61,8 +61,7 @@ def _strategies(roles: dict[str, Any], outputs: list[tuple[str, tuple[str, ...]]
 
     # replicate
     rep_in = {r: Replicate() for r in present}
-    out.append(([Replicate() if kind != "empty" else Replicate() for kind, _ in outputs],
-                inputs(rep_in)))
+    out.append(([Replicate() for _ in outputs], inputs(rep_in)))
 
     # batch / head dims
     for p in range(-3, -rank - 1, -1):
@@ -121,8 +120,9 @@ def _a_rank(present: dict[str, Any], batch_of: tuple[str, ...]) -> int:
 
 
 def _forward_rule(weights: bool):
-    def rule(q: Any, k: Any, v: Any, attn_mask: Any = None, scale: float = 1.0,
-             causal: str = "none") -> Any:
+    def rule(
+        q: Any, k: Any, v: Any, attn_mask: Any = None, scale: float = 1.0, causal: str = "none"
+    ) -> Any:
         roles = dict(zip(_FORWARD_ROLES, (q, k, v, attn_mask), strict=True))
         outputs: list[tuple[str, tuple[str, ...]]] = [("o", ("q", "k", "v", "mask"))]
         if weights:
@@ -133,10 +133,20 @@ def _forward_rule(weights: bool):
     return rule
 
 
-def _backward_rule(grad_o: Any, grad_a: Any, q: Any, k: Any, v: Any, a: Any, attn_mask: Any,
-                   scale: float, causal: str, needs: Any) -> Any:
+def _backward_rule(
+    grad_o: Any,
+    grad_a: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    a: Any,
+    attn_mask: Any,
+    scale: float,
+    causal: str,
+    needs: Any,
+) -> Any:
     roles = dict(zip(_BACKWARD_ROLES, (grad_o, grad_a, q, k, v, a, attn_mask), strict=True))
-    outputs = [
+    outputs: list[tuple[str, tuple[str, ...]]] = [
         (f"grad:{r}" if need else "empty", ())
         for r, need in zip(("q", "k", "v"), needs, strict=True)
     ]

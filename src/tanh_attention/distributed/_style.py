@@ -36,9 +36,14 @@ class ContextParallel(ParallelStyle):
     ``(output, None)``. Not supported under it: ``add_bias_kv``, ``add_zero_attn``, dropout in
     training, unbatched inputs (each raises ValueError at the call).
 
+    Example (on every rank of a 1-D mesh)::
+
+        parallelize_module(model, mesh, {"blocks.0.attn": ContextParallel()})
+        out = model(shard_sequence(x, dim=1))   # this rank's rows of the output
+
     Raises:
-        ValueError: an unknown method or layout; a 1-D mesh is required at apply time;
-            applied to a module that is not a MultiheadTanhAttention (TypeError).
+        ValueError: an unknown method or layout; when applied, a mesh that is not 1-D.
+        TypeError: when applied, a module that is not a MultiheadTanhAttention.
     """
 
     def __init__(self, *, method: str = "allgather", load_balance: str | None = None) -> None:
@@ -100,8 +105,9 @@ def _forward(
 ) -> tuple[Tensor, None]:
     batched = m._validate_inputs(query, key, value)
     if not batched:
-        raise ValueError(f"{_FWD}: expected batched (3-D) inputs, but got query of shape "
-                         f"{tuple(query.shape)}.")
+        raise ValueError(
+            f"{_FWD}: expected batched (3-D) inputs, but got query of shape {tuple(query.shape)}."
+        )
     if m.bias_k is not None or m.add_zero_attn:
         raise ValueError(f"{_FWD}: add_bias_kv and add_zero_attn are not supported.")
     if m.training and m.dropout > 0:

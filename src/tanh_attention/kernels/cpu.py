@@ -130,7 +130,9 @@ def scores_tanh(q: Tensor, k: Tensor, scale: float, prescale: bool = True) -> Te
         return scaled(torch.matmul(q, k.mT), scale).tanh_()
     qs = q * scale if scale != 1.0 else q
     if _fused(qs, k):
-        return _onednn(qs, k[0], "tanh")
+        # oneDNN is fast on dense operands only: a stride-0 or permuted block (an expanded
+        # gradient, a sequence-first view) is made contiguous first (block-sized).
+        return _onednn(qs.contiguous(), k[0].contiguous(), "tanh")
     return torch.matmul(qs, k.mT).tanh_()
 
 
@@ -147,7 +149,7 @@ def matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
     if _fused(x, y):
         # oneDNN's own "add" epilogue (_linear_pointwise.binary) is slower than a separate
         # in-place add here, by far when ``add`` is a strided block of g_a: it copies it.
-        out = _onednn(x, y[0], "none")
+        out = _onednn(x.contiguous(), y[0].contiguous(), "none")  # dense: see scores_tanh
         return out if add is None else out.add_(add)
     if add is None:
         return torch.matmul(x, y.mT)

@@ -91,7 +91,7 @@ def run_decode(
     ratios ``ours / composite`` (goal <= 1.0) and ``ours / limit`` (goal <= 1.5).
     """
     rate = copy_rate(repeats)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for config in configs:
         if progress:
             progress(config.name)

@@ -58,6 +58,13 @@ class TrainConfig:
             is the default: these small models gain little from a second thread, and on a
             busy machine torch's default runs them much slower, its threads waiting on each
             other (``docs/training.md`` has the measurements).
+        nproc: processes per model (gloo on CPU, NCCL on CUDA with one GPU per process). With
+            more than one, the batch is split across them (DDP), or, with
+            ``context_parallel``, the tanh model's sequence is (each process holds
+            ``seq_len / nproc`` positions; the softmax model stays data parallel). The loss
+            curve equals one process's up to floating-point rounding.
+        context_parallel: shard the tanh model's sequence across the ``nproc`` processes
+            (``tanh_attention.distributed.ContextParallel``).
     """
 
     steps: int = 1500
@@ -78,6 +85,8 @@ class TrainConfig:
     token_shift: bool = True
     tanh_scale: float | None = None
     threads: int = 1
+    nproc: int = 1
+    context_parallel: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,12 +114,34 @@ def _peak_rss_bytes() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
 
 
+def _cp_logits(model: Any, tokens: Any, world: int) -> Any:
+    """``RecallTransformer.forward`` with the sequence sharded after the embeddings and the
+    token shift (computed on the full sequence, which every rank has): this rank's rows of
+    the logits. The blocks' attention layers are context parallel."""
+    import torch.nn.functional as F
+
+    from ..distributed import shard_sequence
+
+    n = tokens.shape[1]
+    x = model.tok(tokens) + model.pos.weight[:n]
+    if model.shift is not None:
+        x = x + model.shift(F.pad(x, (0, 0, 1, 0))[:, :-1])
+    mask = model.causal_mask[:n, :n]  # the global mask: the layers take global masks
+    x = shard_sequence(x, dim=1)
+    for block in model.blocks:
+        x = block(x, mask)
+    return model.head(model.ln(x))
+
+
 def train_one(
     config: TrainConfig,
     kind: str,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Train one model from scratch and evaluate it on held-out sequences.
+
+    With ``config.nproc > 1`` this runs on every rank of an initialised default process
+    group of that size (``_worker_main`` sets it up); every rank returns the same result.
 
     Args:
         config: sizes, budget, seed, device.
@@ -147,7 +178,59 @@ def train_one(
         token_shift=config.token_shift,
     ).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    step_model = torch.compile(model) if config.compile else model
+    step_model: Any = torch.compile(model) if config.compile else model
+    world, rank = 1, 0
+    if config.nproc > 1:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+    cp = world > 1 and config.context_parallel and kind == "tanh"
+    dp = world > 1 and not cp
+    if dp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(step_model)
+    if cp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        from ..distributed import ContextParallel
+
+        mesh = init_device_mesh(device.type, (world,))
+        plan: dict[str, Any] = {
+            f"blocks.{i}.attn": ContextParallel() for i in range(config.num_layers)
+        }
+        parallelize_module(model, mesh, plan)
+
+    def local_loss(tokens: Any, targets: Any) -> tuple[Any, Any]:
+        """``(loss to differentiate, the global loss as a detached scalar)``."""
+        if cp:
+            cols = slice(rank * tokens.shape[1] // world, (rank + 1) * tokens.shape[1] // world)
+            logits = _cp_logits(model, tokens, world)
+            count = int((targets != IGNORE).sum())
+            loss = (
+                F.cross_entropy(
+                    logits.flatten(0, 1),
+                    targets[:, cols].flatten(),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+                / count
+            )
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            return loss, total
+        if dp:
+            rows = slice(rank * tokens.shape[0] // world, (rank + 1) * tokens.shape[0] // world)
+            tokens, targets = tokens[rows], targets[rows]
+        logits = step_model(tokens)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        total = loss.detach().clone()
+        if dp:
+            dist.all_reduce(total)
+            total /= world
+        return loss, total
+
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
 
     def lr_factor(step: int) -> float:
@@ -167,14 +250,17 @@ def train_one(
     model.train()
     for step in range(config.steps):
         tokens, targets = task.sample(config.batch_size, train_gen, device)
-        logits = step_model(tokens)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        loss, reported = local_loss(tokens, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cp:  # each rank has its rows' share of the gradient: sum them
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(reported))
         if progress is not None and ((step + 1) % every == 0 or step + 1 == config.steps):
             progress(step + 1, losses[-1])
     if device.type == "cuda":
@@ -187,13 +273,21 @@ def train_one(
     with torch.no_grad():
         for i in range(0, config.eval_size, 250):
             tokens, targets = eval_tokens[i : i + 250], eval_targets[i : i + 250]
-            logits = model(tokens)
+            if cp:
+                cols = slice(rank * config.seq_len // world, (rank + 1) * config.seq_len // world)
+                logits, targets = _cp_logits(model, tokens, world), targets[:, cols]
+            else:
+                logits = model(tokens)
             asked = targets != IGNORE
             loss_sum += float(
                 F.cross_entropy(logits[asked], targets[asked], reduction="sum").detach()
             )
             correct += int((logits.argmax(-1)[asked] == targets[asked]).sum())
             total += int(asked.sum())
+    if cp:
+        sums = torch.tensor([loss_sum, correct, total], dtype=torch.float64)
+        dist.all_reduce(sums)
+        loss_sum, correct, total = float(sums[0]), int(sums[1]), int(sums[2])
 
     if device.type == "cuda":
         peak: int | None = int(torch.cuda.max_memory_allocated(device))
@@ -228,11 +322,38 @@ def _worker_main() -> None:
     try:
         job = json.loads(sys.stdin.readline())
         config = TrainConfig(**job["config"])
+        if config.nproc > 1:
+            config = _init_rank(config, job["rank"], job["store"])
         result = train_one(config, job["kind"], lambda step, loss: emit({"step": [step, loss]}))
     except Exception:
         emit({"error": traceback.format_exc()})
         sys.exit(1)
     emit({"result": result})
+    if config.nproc > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _init_rank(config: TrainConfig, rank: int, store: str) -> TrainConfig:
+    """Join the process group of a ``--nproc`` run (gloo on CPU, NCCL on CUDA)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.device(config.device).type == "cuda"
+    if cuda:
+        config = dataclasses.replace(config, device=f"cuda:{rank}")
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=config.nproc,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    return config
 
 
 def _train_in_subprocess(config: TrainConfig, kind: str, on_step: Any) -> dict[str, Any]:
@@ -248,7 +369,26 @@ def _train_in_subprocess(config: TrainConfig, kind: str, on_step: Any) -> dict[s
     src = str(Path(__file__).resolve().parents[2])  # the tanh_attention package's parent
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     code = "from tanh_attention.tools.train import _worker_main; _worker_main()"
-    with tempfile.TemporaryFile("w+") as stderr:
+    job: dict[str, Any] = {"config": dataclasses.asdict(config), "kind": kind}
+    others: list[subprocess.Popen[str]] = []
+    store_dir = tempfile.TemporaryDirectory(prefix="tanh_train_")
+    if config.nproc > 1:  # ranks 1.. report nothing; rank 0 below reports for all
+        job["store"] = os.path.join(store_dir.name, "store")
+        for rank in range(1, config.nproc):
+            p = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
+            assert p.stdin is not None
+            p.stdin.write(json.dumps({**job, "rank": rank}) + "\n")
+            p.stdin.close()
+            others.append(p)
+        job["rank"] = 0
+    with store_dir, tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-c", code],
             stdin=subprocess.PIPE,
@@ -261,7 +401,7 @@ def _train_in_subprocess(config: TrainConfig, kind: str, on_step: Any) -> dict[s
         result: dict[str, Any] | None = None
         error = ""
         try:
-            proc.stdin.write(json.dumps({"config": dataclasses.asdict(config), "kind": kind}))
+            proc.stdin.write(json.dumps(job))
             proc.stdin.write("\n")
             proc.stdin.close()
             for line in proc.stdout:
@@ -276,6 +416,12 @@ def _train_in_subprocess(config: TrainConfig, kind: str, on_step: Any) -> dict[s
                     error = msg.get("error", "")
         finally:
             code_ = proc.wait()
+            for p in others:  # they finish with rank 0, or fail within the group's timeout
+                try:
+                    p.wait(timeout=150)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         if result is None:
             stderr.seek(0)
             detail = error or stderr.read()[-4000:]
@@ -462,6 +608,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.threads,
         help="torch threads per training process (default 1; 0: torch's default, all cores)",
     )
+    parser.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=d.nproc,
+        help="processes per model (gloo on CPU): the batch is split across them (DDP)",
+    )
+    parser.add_argument(
+        "--context-parallel",
+        action="store_true",
+        help="with --nproc > 1: shard the tanh model's sequence instead of its batch",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument(
         "--out",
@@ -492,6 +649,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         token_shift=args.token_shift,
         tanh_scale=args.tanh_scale,
         threads=args.threads,
+        nproc=args.nproc,
+        context_parallel=args.context_parallel,
     )
     try:
         RecallTask(config.seq_len, config.pairs, config.num_keys, config.num_values)
@@ -501,6 +660,20 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(
             f"--d-model must be divisible by --heads, got {config.d_model} and {config.num_heads}"
         )
+    if config.nproc > 1 and config.batch_size % config.nproc:
+        raise ValueError(
+            f"--batch-size must be divisible by --nproc, got {config.batch_size} and {config.nproc}"
+        )
+    if config.context_parallel:
+        if config.nproc < 2:
+            raise ValueError("--context-parallel needs --nproc of 2 or more")
+        if config.seq_len % config.nproc:
+            raise ValueError(
+                f"--seq-len must be divisible by --nproc with --context-parallel, got "
+                f"{config.seq_len} and {config.nproc}"
+            )
+        if config.compile:
+            raise ValueError("--compile does not combine with --context-parallel")
     try:
         device = torch.device(config.device)
     except RuntimeError as e:
