@@ -243,7 +243,7 @@ RAW_ONLY_TYPE_CASES: list[Case] = [
 def _triton_reason() -> str:
     (triton,) = [b for b in tanh_attention.backends() if b.name == "triton"]
     why = triton.unavailable_reason()
-    assert why is not None  # no Triton kernels in this version
+    assert why is not None  # no GPU here, and no interpreter in this process
     return why
 
 

@@ -39,6 +39,8 @@ def op_pairs() -> tuple[OpPair, OpPair]:
     ``fullgraph=True`` (registering an op cannot be traced).
     """
     global _PAIRS
+    if _PAIRS is not None:  # the path torch.compile traces: no lock
+        return _PAIRS
     with _LOCK:
         if _PAIRS is None:
             from ..kernels import blockwise, triton_attn

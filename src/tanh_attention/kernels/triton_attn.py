@@ -43,17 +43,9 @@ __all__ = ["backward", "forward", "tanh"]
 # tanh
 # --------------------------------------------------------------------------------------------
 
-# tanh(x) = x + x^3 P(x^2) for |x| < 0.55: a least-squares fit in relative error; 0.8 ulp in
-# float32 (benchmarks and tests measure it), where 2*sigmoid(2x)-1 is ~1000 ulp off near 0.
-_P32 = (
-    -0.33333333315107194,
-    0.13333331728683578,
-    -0.053967773545218055,
-    0.021862635992639934,
-    -0.008810531718813944,
-    0.0033654266830374035,
-    -0.0009271077849799694,
-)
+# tanh(x) = x + x^3 P(x^2) for |x| < 0.55, P of degree 6 fitted by least squares in relative
+# error: 0.8 ulp in float32 (tests/triton_cases.py sweeps it), where 2*sigmoid(2x) - 1 is
+# ~1000 ulp off near 0. Above 0.55, (1 - e) / (1 + e) with e = exp(-2|x|): 1.8 ulp.
 
 
 @triton.jit
@@ -106,10 +98,11 @@ def _tanh(x, FAST: tl.constexpr):
         e = tl.exp(-2.0 * ax)  # <= e^-1.1 where used: 1 - e loses nothing
         big = (1.0 - e) / (1.0 + e)
         big = tl.where(x < 0, -big, big)
-        if x.dtype == tl.float64:
+        if x.dtype == tl.float64:  # noqa: SIM108  (resolved when the kernel is compiled)
             small = _tanh_poly64(x)
         else:
             small = _tanh_poly32(x)
+        small = tl.where(x == 0.0, x, small)  # keeps the sign of -0.0
         return tl.where(ax < 0.55, small, big)
 
 
@@ -202,7 +195,7 @@ def _forward_kernel(
         hi = tl.minimum(tl.maximum((pid + 1) * BLOCK_M + diag, 0), m)
     for start in range(0, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        a, keep, k = _weights(
+        a, _, _ = _weights(
             q, K, MASK, b, rows, cols, scale, n, m, d, diag, skb, skn, skd, smb, smn, smm,
             HAS_MASK, CAUSAL, FAST_TANH, BLOCK_D, PRECISION,
         )  # fmt: skip
@@ -432,8 +425,11 @@ class _Launch:
         self.block_d, self.block_e = _pow2(self.d), _pow2(self.e)
         gpu = q.device.type == "cuda"
         big = max(self.block_d, self.block_e)
-        self.block_m = block_m or (64 if gpu else 32)
+        # GPU blocks: 64 x 64 up to d = 128; smaller above, where q, k and v tiles of 256
+        # columns (and fp32 accumulators) would not fit in shared memory and registers.
+        self.block_m = block_m or ((64 if big <= 128 else 32) if gpu else 32)
         self.block_n = block_n or ((64 if big <= 128 else 32) if gpu else 32)
+        self.num_stages = 2 if big <= 128 else 1
         # FAST_TANH: tanh.approx.f32 (a GPU instruction; the interpreter has no inline asm).
         self.fast_tanh = fast_tanh and q.device.type == "cuda" and self.acc == torch.float32
         # "ieee": float32 dots in float32 ("tf32" is faster on a GPU but rounds the inputs).
@@ -464,12 +460,33 @@ class _Launch:
             "BLOCK_D": self.block_d,
             "BLOCK_E": self.block_e,
             "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
         }
 
-    def mask_args(self) -> tuple[object, int, int, int]:
+    def mask_args(self) -> tuple[Tensor, int, int, int]:
         if self.mask is None:
             return self.q, 0, 0, 0  # never read
-        return (self.mask, *self.mask.stride())
+        sb, sn, sm = self.mask.stride()
+        return self.mask, sb, sn, sm
+
+    def _replicas(self) -> list[int]:
+        """The dims of the full batch that only v has (``a`` repeats along them)."""
+        wb = self.weights_batch
+        pad = (1,) * (len(self.batch) - len(wb)) + wb
+        return [i for i, (w, h) in enumerate(zip(pad, self.batch, strict=True)) if w == 1 != h]
+
+    def once(self, grad_a: Tensor) -> Tensor:
+        """``grad_a`` over the full batch, counted once: zeros on all but the first replica
+        along v's own batch dims (the kernels' g_x sums over every replica)."""
+        dims = self._replicas()
+        if not dims:
+            return grad_a
+        full = grad_a.new_zeros(*self.batch, self.n, self.m)
+        first = full
+        for dim in dims:
+            first = first.narrow(dim, 0, 1)
+        first.copy_(grad_a.expand(first.shape))
+        return full
 
     def weights_of(self, a: Tensor) -> Tensor:
         """``a`` computed over the batch of all inputs, cut to the batch of q, k and the mask
@@ -503,13 +520,14 @@ def forward(
     inputs, ``a`` that of q, k and the mask."""
     L = _Launch(q, k, v, attn_mask, scale, causal, block_m, block_n, fast_tanh, precision)
     if L.empty:
-        o, a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
-        return o.contiguous().clone(), (a.contiguous().clone() if need_weights else None)
+        o_0, a_0 = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+        return o_0.contiguous().clone(), (a_0.contiguous().clone() if need_weights else None)
     o = torch.empty(*L.batch, L.n, L.e, dtype=L.io, device=L.device)
     o_flat = o.view(L.size, L.n, L.e)
-    a_flat = None
+    a_full = a_flat = None
     if need_weights:
-        a_flat = torch.empty(L.size, L.n, L.m, dtype=L.io, device=L.device)
+        a_full = torch.empty(*L.batch, L.n, L.m, dtype=L.io, device=L.device)
+        a_flat = a_full.view(L.size, L.n, L.m)
     a_arg = o_flat if a_flat is None else a_flat
     grid = (triton.cdiv(L.n, L.block_m), L.size)
     _forward_kernel[grid](
@@ -519,7 +537,7 @@ def forward(
         HAS_MASK=L.mask is not None, CAUSAL=L.causal, SKIP=L.skip(L.v),
         NEED_A=need_weights, **L.consts(),
     )  # fmt: skip
-    a = None if a_flat is None else L.weights_of(a_flat.view(*L.batch, L.n, L.m))
+    a = None if a_full is None else L.weights_of(a_full)
     if L.upcast:
         o = o.to(L.dtype)
         a = None if a is None else a.to(L.dtype)
@@ -566,7 +584,7 @@ def backward(
         )  # fmt: skip
         return grads
     go = None if grad_o is None else L.flat(grad_o)
-    ga = None if grad_a is None else L.flat(grad_a)
+    ga = None if grad_a is None else L.flat(L.once(grad_a))
     go_arg = L.q if go is None else go
     ga_arg = L.q if ga is None else ga
     go_strides = (0, 0, 0) if go is None else go.stride()
@@ -581,18 +599,17 @@ def backward(
         **L.consts(),
     }
     mask_arg, *mask_strides = L.mask_args()
-    acc = dict(dtype=L.acc, device=L.device)
     g_q = g_k = g_v = None
     if need_q:
-        g_q = torch.empty(L.size, L.n, L.d, **acc)  # type: ignore[arg-type]
+        g_q = torch.empty(L.size, L.n, L.d, dtype=L.acc, device=L.device)
         _backward_q_kernel[(triton.cdiv(L.n, L.block_m), L.size)](
             L.q, L.k, L.v, mask_arg, go_arg, ga_arg, g_q, L.scale, L.n, L.m, L.d, L.e, L.diag,
             *L.q.stride(), *L.k.stride(), *L.v.stride(), *mask_strides,
             *go_strides, *ga_strides, *g_q.stride(), **common,
         )  # fmt: skip
     if need_k or need_v:
-        gk = torch.empty(L.size, L.m, L.d, **acc) if need_k else L.q  # type: ignore[arg-type]
-        gv = torch.empty(L.size, L.m, L.e, **acc) if need_v else L.q  # type: ignore[arg-type]
+        gk = torch.empty(L.size, L.m, L.d, dtype=L.acc, device=L.device) if need_k else L.q
+        gv = torch.empty(L.size, L.m, L.e, dtype=L.acc, device=L.device) if need_v else L.q
         _backward_kv_kernel[(triton.cdiv(L.m, L.block_n), L.size)](
             L.q, L.k, L.v, mask_arg, go_arg, ga_arg, gk, gv, L.scale,
             L.n, L.m, L.d, L.e, L.diag,
