@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .._checks import validate_attn_inputs
-from ..formulas import causal_diagonal
+from ..formulas import causal_diagonal, scaled
 from . import memory
 from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
 from .cpu import matmul_t, scores_tanh
@@ -53,6 +53,8 @@ BLOCK_COLS = 1024
 # Problems with fewer n * m entries than this are grouped, several per block, so that a
 # large batch of small problems is not one Python iteration per problem.
 _SMALL = 16384
+# Up to this many queries a bfloat16 forward reads K and V in bfloat16 (see forward).
+_FEW_ROWS = 16
 
 
 def _all_finite(t: Tensor | None) -> bool:
@@ -187,8 +189,9 @@ class _Problem:
         if self.scale == 1.0 or q.numel() == 0 or k.numel() == 0:
             return True
         top = torch.finfo(self.compute).max / 4
-        big_q = torch.linalg.vector_norm(q.to(self.compute), dim=-1).amax().item()
-        big_k = torch.linalg.vector_norm(k.to(self.compute), dim=-1).amax().item()
+        # In the compute dtype but without a converted copy of q or k.
+        big_q = torch.linalg.vector_norm(q, dim=-1, dtype=self.compute).amax().item()
+        big_k = torch.linalg.vector_norm(k, dim=-1, dtype=self.compute).amax().item()
         s = abs(self.scale)
         return s * max(big_q, big_k, 1.0) <= top and s * big_q * big_k <= top
 
@@ -292,20 +295,35 @@ def forward(
         a = torch.empty(*p.batch, p.n, p.m, dtype=q.dtype, device=q.device)
         if p.empty:
             a.zero_()
+    # A bfloat16 decoding step (few queries, a long cache) is bound by reading K and V:
+    # converting them to float32 would read and write them again, so its products read
+    # bfloat16 (accumulating in float32, as the composite's) and only the small blocks of
+    # scores and weights are float32.
+    native = q.dtype == torch.bfloat16 and p.n <= _FEW_ROWS and p.compute == torch.float32
     if not p.empty:
-        q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
+        q3, k3, v3 = (
+            p.flat(x, rows, cols, compute=not native)
+            for x, rows, cols in ((q, p.n, p.d), (k, p.m, p.d), (v, p.m, p.e))
+        )
         assert q3 is not None and k3 is not None and v3 is not None
         o3, a3 = o.view(p.size, p.n, p.e), None if a is None else a.view(p.size, p.n, p.m)
-        prescale = p.prescale(q, k)
+        prescale = native or p.prescale(q, k)  # the native path scales after the product
         for t in p.tiles():
-            block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale)
-            forward_block_(
-                o3[t.batch, t.rows],
-                block,
-                v3[t.batch, t.cols],
-                causal_diagonal=t.causal_diagonal,
-                attn_mask=p.mask_block(t),
-            )
+            if native:
+                x = torch.matmul(q3[t.batch, t.rows], k3[t.batch, t.cols].mT)
+                block = scaled(x.float(), scale).tanh_()
+                keep_block_(block, causal_diagonal=t.causal_diagonal, attn_mask=p.mask_block(t))
+                v_block = v3[t.batch, t.cols]
+                o3[t.batch, t.rows] += torch.matmul(block.to(v_block.dtype), v_block)
+            else:
+                block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale)
+                forward_block_(
+                    o3[t.batch, t.rows],
+                    block,
+                    v3[t.batch, t.cols],
+                    causal_diagonal=t.causal_diagonal,
+                    attn_mask=p.mask_block(t),
+                )
             if a3 is not None:
                 a3[t.batch, t.rows, t.cols].copy_(block)
         if a3 is not None and p.skip:
