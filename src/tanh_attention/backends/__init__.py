@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .. import _torch_private
 from .._checks import CAUSAL_VARIANTS, SUPPORTED_DTYPES, Causal, Shapes
 
 __all__ = ["Backend", "Inputs", "backends", "get", "register"]
@@ -74,6 +75,9 @@ class Backend:
         max_grad_order: the highest order of derivative it gives (None: any).
         supports_bias: whether it takes an additive ``bias`` on the scores.
         supports_dropout: whether it takes ``dropout_p > 0``.
+        explicit_ops: it runs ``ops.declare_op_pair`` ops, whose forward AD and ``torch.func``
+            support needs private torch API (``_torch_private``); where that is missing,
+            such calls are declined with the reason.
     """
 
     name: ClassVar[str]
@@ -88,6 +92,7 @@ class Backend:
     max_grad_order: ClassVar[int | None] = None
     supports_bias: ClassVar[bool] = False
     supports_dropout: ClassVar[bool] = False
+    explicit_ops: ClassVar[bool] = False
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None if it can."""
@@ -127,6 +132,16 @@ class Backend:
             reasons.append("does not take an additive bias (a float attn_mask)")
         if inputs.dropout_p > 0.0 and not self.supports_dropout:
             reasons.append("does not do dropout")
+        why = _torch_private.AUTOGRAD_KERNEL_REASON
+        if (
+            self.explicit_ops
+            and why is not None
+            and (
+                _torch_private.functorch_active()
+                or _torch_private.tangents((inputs.q, inputs.k, inputs.v)) is not None
+            )
+        ):
+            reasons.append(f"forward AD and torch.func need private torch API here: {why}")
         return reasons
 
     def dispatch_reasons(self, inputs: Inputs) -> list[str]:

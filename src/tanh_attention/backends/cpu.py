@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .. import _torch_private, ops
+from .. import ops
 from . import Backend, Inputs
 
 __all__ = ["CpuBackend"]
@@ -23,16 +23,7 @@ class CpuBackend(Backend):
     )
     device_types: ClassVar[frozenset[str]] = frozenset({"cpu"})
     memory_efficient = True
-
-    def not_supported_reasons(self, inputs: Inputs) -> list[str]:
-        reasons = super().not_supported_reasons(inputs)
-        why = _torch_private.AUTOGRAD_KERNEL_REASON
-        if why is not None and (
-            _torch_private.functorch_active()
-            or _torch_private.tangents((inputs.q, inputs.k, inputs.v)) is not None
-        ):
-            reasons.append(f"forward AD and torch.func need private torch API here: {why}")
-        return reasons
+    explicit_ops = True
 
     def __call__(self, inputs: Inputs) -> tuple[Tensor, Tensor | None]:
         args = (inputs.q, inputs.k, inputs.v, inputs.attn_mask, inputs.scale, inputs.causal)

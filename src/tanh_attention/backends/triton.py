@@ -19,7 +19,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .. import _torch_private
 from ..ops import Kernels, OpPair, declare_op_pair
 from . import Backend, Inputs
 
@@ -67,6 +66,7 @@ class TritonBackend(Backend):
     )
     max_head_dim = 256
     memory_efficient = True
+    explicit_ops = True
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("triton") is None:
@@ -87,12 +87,6 @@ class TritonBackend(Backend):
             and abs(scale) > torch.finfo(torch.float32).max
         ):
             reasons.append(f"scores in float32: scale={scale} is beyond its range")
-        why = _torch_private.AUTOGRAD_KERNEL_REASON
-        if why is not None and (
-            _torch_private.functorch_active()
-            or _torch_private.tangents((inputs.q, inputs.k, inputs.v)) is not None
-        ):
-            reasons.append(f"forward AD and torch.func need private torch API here: {why}")
         return reasons
 
     def dispatch_reasons(self, inputs: Inputs) -> list[str]:
