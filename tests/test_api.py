@@ -115,10 +115,17 @@ def test_forward_ad_without_weights_uses_the_memory_efficient_op() -> None:
     _close(got, want)
 
 
-def test_eager_uses_registered_op() -> None:
+def test_plain_eager_runs_the_kernels_without_op_dispatch() -> None:
+    """Plain eager calls skip the op's dispatch (ops._Eager); anything that traces or
+    transforms (here a dispatch mode, as fake tensors and export use) gets the op."""
     q, k, v = (x.requires_grad_() for x in _inputs())
     o, _ = attn(q, k, v)
-    assert "tanh_attention_attn" in type(o.grad_fn).__name__
+    assert type(o.grad_fn).__name__ == "_EagerBackward"
+    with _RecordOps() as recorded:
+        o_op, _ = attn(q, k, v)
+    assert "tanh_attention.attn.default" in recorded.names
+    assert "tanh_attention_attn" in type(o_op.grad_fn).__name__
+    torch.testing.assert_close(o, o_op, rtol=0, atol=0)
 
 
 class _RecordOps(TorchDispatchMode):

@@ -30,6 +30,7 @@ from torch.autograd import forward_ad as fwAD
 
 import tanh_attention
 from samples import keep_mask, reference
+from tanh_attention import ops
 from tanh_attention.kernels import blockwise
 from tanh_attention.kernels import cpu as cpu_kernels
 
@@ -785,6 +786,15 @@ def test_third_order() -> None:
 def test_public_need_weights_false_uses_lean_op() -> None:
     q, k, v = _lean_inputs()
     o, a = tanh_attention.attn(q, k, v, need_weights=False)
+    # Plain eager: the lean pair's kernels under ops._Eager. It keeps a (n x m) only where a
+    # is no larger than q, k and v together (here 3 x 5 against 2 * (12 + 35)).
+    assert a is None and o.grad_fn.pair is ops.attn_lean
+    assert o.grad_fn.saved_tensors[-1].shape == (2, 3, 5)
+    long = [torch.randn(64, 4, dtype=F64, requires_grad=True) for _ in range(3)]
+    o_long, _ = tanh_attention.attn(*long, need_weights=False)
+    assert o_long.grad_fn.saved_tensors[-1] is None  # 64 x 64 > 64 * (4 + 4 + 4)
+    with torch.device("cpu"):  # a torch function mode: through the registered op
+        o, a = tanh_attention.attn(q, k, v, need_weights=False)
     assert a is None and "attn_lean" in type(o.grad_fn).__name__
 
 
@@ -843,3 +853,38 @@ def test_compile_inductor_and_export(tmp_path: Path) -> None:
     fresh = tuple(torch.randn_like(x) for x in args)
     got = torch.export.load(tmp_path / "lean.pt2").module()(*fresh)
     torch.testing.assert_close(got, reference(*fresh, None, 0.5, "bottom_right")[0])
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("mask_shape", [None, (32, 24), (4, 1, 32, 24), (4, 16, 32, 24)], ids=str)
+def test_many_small_problems_float32(
+    causal: str, mask_shape: tuple[int, ...] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of short sequences runs as grouped blocks (one oneDNN grouped convolution per
+    block where this CPU has it): forward, backward from a and recomputing, against the
+    float64 reference, at float32 accuracy; masks shared by all problems, by some, or own."""
+    calls = []
+    grouped = cpu_kernels._onednn_grouped
+    monkeypatch.setattr(cpu_kernels, "_onednn_grouped", lambda *a: calls.append(1) or grouped(*a))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(4, 16, 32 if i == 0 else 24, 16, generator=gen) for i in range(3))
+    mask = None if mask_shape is None else torch.rand(mask_shape, generator=gen) < 0.7
+    scale = 0.25
+    o_ref, a_ref = reference(q.double(), k.double(), v.double(), mask, scale, causal)
+    o, a = blockwise.forward(q, k, v, mask, scale, causal)
+    tol = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(o.double(), o_ref, **tol)
+    assert a is not None and a.is_contiguous()
+    torch.testing.assert_close(a.double(), a_ref, **tol)
+    assert torch.equal(a[a_ref == 0], torch.zeros_like(a[a_ref == 0]))
+    g_o, g_a = torch.randn_like(o), torch.randn_like(a)
+    want = _ref_grads(q, k, v, mask, scale, causal, outputs=(g_o, g_a))
+    got = blockwise.backward(g_o, g_a, q, k, v, a, mask, scale, causal)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+    want = _ref_grads(q, k, v, mask, scale, causal, outputs=(g_o,))
+    got = blockwise.backward(g_o, None, q, k, v, None, mask, scale, causal)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+    if cpu_kernels._grouped_reason(torch.float32) is None:
+        assert calls, "the grouped convolution was not used"

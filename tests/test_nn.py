@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import math
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -657,3 +658,60 @@ def test_nested_tensor_is_refused() -> None:
     nt = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(4, 8)], layout=torch.jagged)
     with pytest.raises(TypeError, match="'query' is a nested tensor"):
         mha(nt, nt, nt)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "random"])
+def test_self_attention_packed_projection(batch_first: bool, mask_kind: str) -> None:
+    """One tensor as query, key and value takes the packed projection (one product, one
+    layout copy), and an attn_mask that is exactly the causal mask with is_causal=True is
+    replaced by the causal flag: both give the reference's outputs and gradients."""
+    torch.manual_seed(7)
+    mha = MultiheadTanhAttention(8, 2, batch_first=batch_first, dtype=torch.float64)
+    params = dict(mha.named_parameters())
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    if not batch_first:
+        x = x.detach().transpose(0, 1).requires_grad_()
+    masks = {
+        "none": None,
+        "causal": torch.ones(5, 5, dtype=torch.bool).triu(1),
+        "random": torch.rand(5, 5) < 0.3,
+    }
+    attn_mask = masks[mask_kind]
+    seen: dict[str, list] = {"linear": [], "attn_mask": []}
+    real_linear, real_attn = tnn.F.linear, tnn.attn
+
+    def linear(*args: Any, **kwargs: Any) -> Tensor:
+        seen["linear"].append(args[1].shape)
+        return real_linear(*args, **kwargs)
+
+    def attn(*args: Any, **kwargs: Any) -> Any:
+        seen["attn_mask"].append(kwargs["attn_mask"])
+        return real_attn(*args, **kwargs)
+
+    with (
+        mock.patch.object(tnn.F, "linear", linear),
+        mock.patch.object(tnn, "attn", attn),
+    ):
+        out, _ = mha(x, x, x, attn_mask=attn_mask, is_causal=True, need_weights=False)
+    assert seen["linear"] == [(24, 8), (8, 8)]  # the packed in-projection, the out-projection
+    assert (seen["attn_mask"][0] is None) == (mask_kind != "random")
+    ref, _ = reference_mha(
+        params,
+        2,
+        x,
+        x,
+        x,
+        batch_first=batch_first,
+        add_zero_attn=False,
+        scale=0.5,
+        attn_mask=attn_mask,
+        is_causal=True,
+    )
+    torch.testing.assert_close(out, ref)
+    inputs = [x, *params.values()]
+    cotangent = torch.randn(out.shape, dtype=out.dtype)
+    got = torch.autograd.grad((out * cotangent).sum(), inputs)
+    want = torch.autograd.grad((ref * cotangent).sum(), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

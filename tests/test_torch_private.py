@@ -76,3 +76,56 @@ def test_without_private_api(case: str) -> None:
     code = _PRELUDE + textwrap.dedent(CASES[case])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_module_available_is_a_constant_under_compile() -> None:
+    """torch 2.11's Dynamo refuses to trace importlib.util.find_spec (2.13's folds it)."""
+    import torch
+
+    from tanh_attention import _torch_private
+
+    assert _torch_private.module_available("torch")
+    assert not _torch_private.module_available("no_such_module_tanh_attention")
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x: torch.Tensor) -> torch.Tensor:
+        if _torch_private.module_available("torch"):
+            return x + 1
+        return x
+
+    assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
+
+
+_GATHER = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
+from tanh_attention import _torch_private
+# "fallback": the path of torch < 2.13 (no all_gather_single_autograd), taken here whatever
+# this torch has
+gather = {
+    "native": _torch_private.all_gather_autograd,
+    "fallback": _torch_private._all_gather_tensor_autograd,
+}[sys.argv[1]]
+dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+try:
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    g = funcol.wait_tensor(gather(x, dist.group.WORLD))
+    torch.testing.assert_close(g, x)
+    grad = torch.randn(4, 3, dtype=torch.float64).mT  # not contiguous
+    (got,) = torch.autograd.grad(g, x, grad)
+    torch.testing.assert_close(got, grad)
+finally:
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("path", ["native", "fallback"])
+def test_all_gather_autograd(path: str) -> None:
+    """One rank: the gather is the identity, its backward takes a non-contiguous gradient."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    cmd = [sys.executable, "-c", _GATHER, path]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]

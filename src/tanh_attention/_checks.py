@@ -22,6 +22,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "Causal",
     "Shapes",
+    "call_shapes",
     "normalize_causal",
     "validate_attn_inputs",
     "validate_layout",
@@ -118,6 +119,22 @@ def _validate_same(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _broadcast(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...] | None:
+    """The broadcast of ``shapes`` (as ``torch.broadcast_shapes``), or None if they clash."""
+    first = shapes[0]
+    if all(shape == first for shape in shapes):  # the common case: one batch shape
+        return tuple(first)
+    rank = max(map(len, shapes))
+    dims = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
+    if all(type(size) is int for shape in dims for size in shape):
+        # Concrete sizes, the eager case: plain Python, a few microseconds. (torch's version
+        # goes through its symbolic-shape guards, ten times slower, on every call of attn.)
+        out = []
+        for sizes in zip(*dims, strict=True):
+            own = {size for size in sizes if size != 1}  # 1 broadcasts to anything, 0 too
+            if len(own) > 1:
+                return None
+            out.append(own.pop() if own else 1)
+        return tuple(out)
     try:
         return tuple(torch.broadcast_shapes(*shapes))
     except RuntimeError:
@@ -322,12 +339,33 @@ def validate_attn_inputs(
     mask_batch = _validate_mask(attn_mask, q, batch, m)
     bias_batch = _validate_bias(bias, q, batch, m)
     _validate_dropout(dropout_p)
-    full = _broadcast(batch, mask_batch, bias_batch)
-    weights_batch = _broadcast(q.shape[:-2], k.shape[:-2], mask_batch, bias_batch)
-    if full is None or weights_batch is None:
+    shapes = call_shapes(
+        q,
+        k,
+        v,
+        attn_mask if isinstance(attn_mask, Tensor) else None,
+        bias if isinstance(bias, Tensor) else None,
+    )
+    if shapes is None:
         raise ValueError(
             "attn(): the batch dimensions of 'attn_mask' and 'bias' must broadcast with each "
             f"other and with q, k, v, but got attn_mask batch {mask_batch} and bias batch "
             f"{bias_batch}."
         )
-    return Shapes(full, weights_batch, q.shape[-2], m, q.shape[-1], v.shape[-1])
+    return shapes
+
+
+def call_shapes(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, bias: Tensor | None = None
+) -> Shapes | None:
+    """The :class:`Shapes` of a call whose arguments :func:`validate_attn_inputs` accepted
+    (the kernels, which run after it, read their sizes here without checking everything
+    again); None where the batch dims do not broadcast."""
+    q_shape, k_shape, v_shape = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    own = [q_shape[:-2], k_shape[:-2]]
+    own += [tuple(t.shape)[:-2] for t in (attn_mask, bias) if t is not None]
+    weights_batch = _broadcast(*own)
+    full = None if weights_batch is None else _broadcast(weights_batch, v_shape[:-2])
+    if full is None or weights_batch is None:
+        return None
+    return Shapes(full, weights_batch, q_shape[-2], k_shape[-2], q_shape[-1], v_shape[-1])

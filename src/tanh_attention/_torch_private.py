@@ -8,9 +8,15 @@ The package needs a few things PyTorch 2.13 offers only privately:
   drops tangents silently and fails under ``torch.func.grad``);
 - whether a ``torch.func`` reverse-mode transform is processing the current op (the
   functorch interpreter stack), and whether a tensor is a functorch wrapper;
+- whether a torch function or dispatch mode is active (the lengths of the mode stacks);
 - a data-dependent assertion inside a compiled graph (``torch._assert_async``);
 - oneDNN's matmul with a fused elementwise epilogue (``torch.ops.mkldnn._linear_pointwise``),
-  the fast ``tanh(q @ k^T)`` of the CPU kernels.
+  the fast ``tanh(q @ k^T)`` of the CPU kernels;
+- the differentiable all-gather of ``torch.distributed._functional_collectives``
+  (``all_gather_single_autograd`` from torch 2.13, ``all_gather_tensor_autograd`` before);
+- whether a module is installed, asked inside a ``torch.compile`` region
+  (:func:`module_available`: torch 2.13's Dynamo folds ``importlib.util.find_spec`` to a
+  constant, 2.11's refuses to trace it).
 
 If any of it is missing, ``import tanh_attention`` still works: :data:`AUTOGRAD_KERNEL_REASON`
 says why the explicit ops cannot serve forward AD and ``torch.func`` (the dispatcher then
@@ -21,6 +27,7 @@ returns None (the CPU kernels then use ``torch.matmul`` and ``torch.tanh``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +38,15 @@ from torch import Tensor
 
 __all__ = [
     "AUTOGRAD_KERNEL_REASON",
+    "all_gather_autograd",
     "assert_async",
     "functorch_active",
     "install_autograd_kernel",
     "is_functorch_wrapped",
+    "is_legacy_batched",
     "linear_pointwise",
+    "modes_active",
+    "module_available",
     "tangents",
     "under_functorch_grad",
 ]
@@ -113,6 +124,23 @@ def functorch_active() -> bool:
     return bool(check()) if check is not None else False
 
 
+def modes_active() -> bool:
+    """True while a torch function mode or a dispatch mode is active in this thread (fake
+    tensors, export and other tracers, flop counters, ``with torch.device(...)``)."""
+    function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+    dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    if function_modes is None or dispatch_modes is None:
+        return True  # cannot tell: assume one is
+    return bool(function_modes()) or dispatch_modes() > 0
+
+
+def is_legacy_batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by the legacy vmap (``torch._vmap_internals``, which
+    ``gradcheck``'s batched-gradient check uses)."""
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return bool(check(t)) if check is not None else False
+
+
 def is_functorch_wrapped(t: Tensor) -> bool:
     """Whether ``t`` is a ``torch.func`` wrapper (batched by vmap, or tracked by grad/jvp)."""
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
@@ -136,3 +164,53 @@ def assert_async(condition: Tensor, message: str) -> None:
     check = getattr(torch, "_assert_async", None)
     if check is not None:
         check(condition, message)
+
+
+def _constant_under_compile(fn: Callable[[str], bool]) -> Callable[[str], bool]:
+    # Dynamo calls the function while tracing and uses its result as a constant, as torch
+    # 2.13's Dynamo does with importlib.util.find_spec itself (2.11's raises Unsupported).
+    assume = getattr(getattr(torch, "_dynamo", None), "assume_constant_result", None)
+    return assume(fn) if assume is not None else fn  # type: ignore[no-any-return]
+
+
+@_constant_under_compile
+def module_available(name: str) -> bool:
+    """Whether the top-level module ``name`` can be imported (``importlib.util.find_spec``),
+    without importing it; callable inside a ``torch.compile`` region (a constant there)."""
+    return importlib.util.find_spec(name) is not None
+
+
+def all_gather_autograd(x: Tensor, group: Any) -> Tensor:
+    """All-gather ``x`` along dim 0 over the process group ``group`` in rank order, the
+    backward reduce-scattering (summing) the gradient; the result may be an async collective
+    tensor (``funcol.wait_tensor`` it). torch 2.13 names it ``all_gather_single_autograd``;
+    earlier releases ``all_gather_tensor_autograd`` (the same op,
+    ``_c10d_functional_autograd.all_gather_into_tensor``)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    gather = getattr(funcol, "all_gather_single_autograd", None)
+    if gather is None:
+        return _all_gather_tensor_autograd(x, group)
+    return gather(x, 0, group)  # type: ignore[no-any-return]
+
+
+def _all_gather_tensor_autograd(x: Tensor, group: Any) -> Tensor:
+    """:func:`all_gather_autograd` before torch 2.13 (``all_gather_tensor_autograd``), whose
+    backward's reduce-scatter refuses a non-contiguous gradient (the caller's ``movedim``
+    makes one): the gradient is made contiguous on its way in."""
+    from torch.distributed import _functional_collectives as funcol
+
+    g = funcol.wait_tensor(funcol.all_gather_tensor_autograd(x, 0, group))
+    return _ContiguousGrad.apply(g)  # type: ignore[no-any-return]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity; its backward passes the gradient on contiguous."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()

@@ -344,8 +344,14 @@ class MultiheadTanhAttention(nn.Module):
         n_batch: int,
         tgt_len: int,
         src_len: int,
+        is_causal: bool = False,
     ) -> Tensor | None:
-        """The combined keep-mask, broadcastable to ``(N, H, L, S)``, or None."""
+        """The combined keep-mask, broadcastable to ``(N, H, L, S)``, or None.
+
+        With ``is_causal``, an ``(L, S)`` attn_mask that is exactly the causal mask (how
+        ``nn.MultiheadAttention`` callers pass it alongside the flag) adds nothing to the
+        operator's causal flag and is dropped, so the kernels skip the masked blocks instead
+        of masking every entry."""
         keep: Tensor | None = None
         if attn_mask is not None:
             if attn_mask.dim() == 2:
@@ -361,7 +367,12 @@ class MultiheadTanhAttention(nn.Module):
                     f"but got attn_mask.shape={tuple(attn_mask.shape)}."
                 )
             keep = self._to_keep("attn_mask", attn_mask)
-            keep = keep.reshape(-1, self.num_heads, tgt_len, src_len) if keep.dim() == 3 else keep
+            if is_causal and keep.dim() == 2 and not torch.compiler.is_compiling():
+                causal_keep = torch.ones_like(keep).tril_()
+                if torch.equal(keep, causal_keep):
+                    keep = None
+            if keep is not None and keep.dim() == 3:
+                keep = keep.reshape(-1, self.num_heads, tgt_len, src_len)
         if key_padding_mask is not None:
             expected = (n_batch, src_len) if batched else (src_len,)
             if tuple(key_padding_mask.shape) != expected:
@@ -379,7 +390,9 @@ class MultiheadTanhAttention(nn.Module):
     # Forward
     # ----------------------------------------------------------------------------------------
 
-    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, ...]:
+    def _in_projection(
+        self, query: Tensor, key: Tensor, value: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         e = self.embed_dim
         if self.in_proj_weight is not None:
             w_q, w_k, w_v = self.in_proj_weight.split(e)
@@ -392,6 +405,40 @@ class MultiheadTanhAttention(nn.Module):
             b_q, b_k, b_v = self.in_proj_bias.split(e)
             return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         return F.linear(query, w_q), F.linear(key, w_k), F.linear(value, w_v)
+
+    def _packed(self, self_attention: bool) -> bool:
+        """Self-attention (one tensor as query, key and value) with the packed projection
+        weight and no extra keys: one product and one layout copy serve q, k and v."""
+        return (
+            self_attention
+            and self.in_proj_weight is not None
+            and self.bias_k is None
+            and not self.add_zero_attn
+        )
+
+    def _packed_heads(self, x: Tensor, n_batch: int, length: int) -> tuple[Tensor, ...]:
+        """q, k, v as contiguous ``(N, H, L, hd)`` from one product with the packed weight, as
+        ``nn.MultiheadAttention`` projects self-attention."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # type: ignore[arg-type]
+        qkv = qkv.view(n_batch, length, 3, self.num_heads, self.head_dim)
+        return tuple(qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0))
+
+    def _heads(
+        self, q: Tensor, k: Tensor, v: Tensor, n_batch: int, tgt_len: int
+    ) -> tuple[Tensor, ...]:
+        """The projections as contiguous ``(N, H, L, hd)`` and ``(N, H, S', hd)``, with the key
+        and value that ``add_bias_kv`` adds (``add_zero_attn``'s comes later, per head)."""
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, self.bias_k.expand(n_batch, 1, self.embed_dim)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(n_batch, 1, self.embed_dim)], dim=1)
+        h, hd = self.num_heads, self.head_dim
+        # contiguous(): the op's backward returns contiguous gradients while its fake kernel
+        # promises the inputs' strides, so under torch.compile a transposed (non-contiguous)
+        # input breaks the compiled backward.
+        q = q.view(n_batch, tgt_len, h, hd).transpose(1, 2).contiguous()
+        k = k.view(n_batch, k.shape[1], h, hd).transpose(1, 2).contiguous()
+        v = v.view(n_batch, v.shape[1], h, hd).transpose(1, 2).contiguous()
+        return q, k, v
 
     def forward(
         self,
@@ -444,6 +491,7 @@ class MultiheadTanhAttention(nn.Module):
         """
         # --- validate everything before any work
         batched = self._validate_inputs(query, key, value)
+        self_attention = query is key and key is value  # before the layout changes below
         _check_bool(_FWD, "need_weights", need_weights)
         _check_bool(_FWD, "average_attn_weights", average_attn_weights)
         _check_bool(_FWD, "is_causal", is_causal)
@@ -457,20 +505,16 @@ class MultiheadTanhAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         n_batch, tgt_len, _ = query.shape
         src_len = key.shape[1]
-        keep = self._keep_mask(attn_mask, key_padding_mask, batched, n_batch, tgt_len, src_len)
+        keep = self._keep_mask(
+            attn_mask, key_padding_mask, batched, n_batch, tgt_len, src_len, is_causal
+        )
 
         # --- projections, extra keys, heads
-        q, k, v = self._in_projection(query, key, value)
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.expand(n_batch, 1, self.embed_dim)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(n_batch, 1, self.embed_dim)], dim=1)
         h, hd = self.num_heads, self.head_dim
-        # (N, H, L, hd) and (N, H, S', hd). contiguous(): the op's backward returns contiguous
-        # gradients while its fake kernel promises the inputs' strides, so under torch.compile
-        # a transposed (non-contiguous) input breaks the compiled backward.
-        q = q.view(n_batch, tgt_len, h, hd).transpose(1, 2).contiguous()
-        k = k.view(n_batch, k.shape[1], h, hd).transpose(1, 2).contiguous()
-        v = v.view(n_batch, v.shape[1], h, hd).transpose(1, 2).contiguous()
+        if self._packed(self_attention):
+            q, k, v = self._packed_heads(query, n_batch, tgt_len)
+        else:
+            q, k, v = self._heads(*self._in_projection(query, key, value), n_batch, tgt_len)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(n_batch, h, 1, hd)], dim=2)
             v = torch.cat([v, v.new_zeros(n_batch, h, 1, hd)], dim=2)

@@ -61,11 +61,29 @@ class Kernels:
 
 @dataclasses.dataclass(frozen=True)
 class OpPair:
-    """The two ops of a pair; ``weights``: whether the forward returns ``(o, a)``."""
+    """The two ops of a pair; ``weights``: whether the forward returns ``(o, a)``;
+    ``kernels``: the op bodies per device type."""
 
     forward: Any  # torch._library.custom_ops.CustomOpDef
     backward: Any
     weights: bool
+    kernels: Mapping[str, Kernels]
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        scale: float,
+        causal: str,
+    ) -> Any:
+        """The forward op on validated inputs: in plain eager mode straight to the kernels
+        (see :class:`_Eager`), else through the registered op."""
+        kernels = self.kernels.get(q.device.type)
+        if kernels is None or not _plain_eager((q, k, v, attn_mask)):
+            return self.forward(q, k, v, attn_mask, scale, causal)
+        return _Eager.apply(self, kernels, q, k, v, attn_mask, scale, causal)
 
 
 _FORWARD_ARGS = (
@@ -215,6 +233,15 @@ def _backward_formulas(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
+def _needs(
+    needs_input_grad: Sequence[bool], grad_o: Tensor | None, grad_a: Tensor | None
+) -> list[bool]:
+    """Which of (q, k, v) get a gradient: asked for, and some output gradient reaches it."""
+    some = grad_o is not None or grad_a is not None
+    need_q, need_k, need_v = (bool(x) for x in needs_input_grad[:3])
+    return [need_q and some, need_k and some, need_v and grad_o is not None]
+
+
 def _forward_autograd(pair: OpPair) -> None:
     weights = pair.weights
 
@@ -227,9 +254,7 @@ def _forward_autograd(pair: OpPair) -> None:
 
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Any, ...]:
         grad_o, grad_a = grads if weights else (grads[0], None)
-        some = grad_o is not None or grad_a is not None
-        need_q, need_k, need_v = (bool(x) for x in ctx.needs_input_grad[:3])
-        needs = [need_q and some, need_k and some, need_v and grad_o is not None]
+        needs = _needs(ctx.needs_input_grad, grad_o, grad_a)
         if not any(needs):
             return (None,) * 6
         q, k, v, attn_mask, a = ctx.saved_tensors
@@ -277,6 +302,89 @@ def _backward_backward(
         d_k = via_k if d_k is None else d_k + via_k
         d_a = None
     return d_g_o, d_g_a, d_q, d_k, d_v, d_a, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Plain eager calls: the kernels under one autograd.Function, without the op's dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _plain_eager(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether nothing but plain autograd sees this call: no compiler or tracer, no
+    ``torch.func`` transform or legacy vmap, no torch function or dispatch mode (fake
+    tensors, export, flop counters), no autocast, no tensor subclass, no forward-AD tangent.
+    Each of those needs the registered op (its fake kernel, vmap rule, autocast rule,
+    Autograd kernel); all are per-thread or per-tensor state."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or _torch_private.functorch_active()
+        or _torch_private.modes_active()
+    ):
+        return False
+    plain = (Tensor, torch.nn.Parameter)
+    for t in tensors:
+        if t is not None and (type(t) not in plain or _torch_private.is_legacy_batched(t)):
+            return False
+    present = [t for t in tensors if t is not None]
+    if torch.is_autocast_enabled(present[0].device.type):
+        return False
+    return _torch_private.tangents(tuple(tensors[:3])) is None
+
+
+class _Eager(torch.autograd.Function):
+    """An op pair's forward and backward kernels as one ``autograd.Function``, for plain
+    eager calls (:func:`_plain_eager`), where the registered op would add only dispatch cost:
+    a few hundred microseconds a call, more than the whole attention of a small batch. The
+    same kernels and the same VJP run either way. A backward that is itself differentiated
+    (``create_graph=True``) goes through the backward op, whose autograd formula is
+    ``formulas.vjp_of_vjp``.
+
+    The o-only pair keeps ``a`` for its backward where ``a`` is no larger than q, k and v
+    together (``n * m <= n * d + m * (d + e)``: short sequences), since recomputing it would
+    cost more than the composite's whole backward there; saved memory then stays within twice
+    the inputs' and linear in n. Longer sequences save nothing of size ``n x m``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        pair: OpPair,
+        kernels: Kernels,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        scale: float,
+        causal: str,
+    ) -> Any:
+        n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+        keep = pair.weights or n * m <= n * d + m * (d + e)
+        o, a = kernels.forward(q, k, v, attn_mask, scale, causal, need_weights=keep)
+        ctx.save_for_backward(q, k, v, attn_mask, a)
+        ctx.pair, ctx.kernels, ctx.scale, ctx.causal = pair, kernels, scale, causal
+        ctx.set_materialize_grads(False)
+        return (o, a) if pair.weights else o
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        grad_o, grad_a = grads if ctx.pair.weights else (grads[0], None)
+        needs = _needs(ctx.needs_input_grad[2:5], grad_o, grad_a)
+        if not any(needs):
+            return (None,) * 8
+        q, k, v, attn_mask, a = ctx.saved_tensors
+        args = (grad_o, grad_a, q, k, v, a, attn_mask, ctx.scale, ctx.causal, needs)
+        if torch.is_grad_enabled() or not _plain_eager((grad_o, grad_a)):
+            # create_graph (the differentiable backward op), or the backward itself
+            # transformed (gradcheck's batched gradients vmap it): the registered op.
+            if not ctx.pair.weights:
+                # A kept a is no output here, so no gradient could reach q and k through it:
+                # the backward op recomputes it, differentiably.
+                args = (*args[:5], None, *args[6:])
+            out = ctx.pair.backward(*args)
+            g_q, g_k, g_v = (g if need else None for g, need in zip(out, needs, strict=True))
+        else:
+            g_q, g_k, g_v = ctx.kernels.backward(*args)
+        return None, None, g_q, g_k, g_v, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +550,7 @@ def declare_op_pair(name: str, *, weights: bool, kernels: Mapping[str, Kernels])
         backward.register_kernel(device_type, _backward_body(body))
     forward.register_fake(_forward_fake(weights))
     backward.register_fake(_backward_fake)
-    pair = OpPair(forward, backward, weights)
+    pair = OpPair(forward, backward, weights, dict(kernels))
 
     _forward_autograd(pair)
     backward.register_autograd(_backward_backward, setup_context=_backward_setup_context)

@@ -28,6 +28,6 @@ class CpuBackend(Backend):
     def __call__(self, inputs: Inputs) -> tuple[Tensor, Tensor | None]:
         args = (inputs.q, inputs.k, inputs.v, inputs.attn_mask, inputs.scale, inputs.causal)
         if inputs.need_weights:
-            o, a = ops.attn.forward(*args)
+            o, a = ops.attn(*args)
             return o, a
-        return ops.attn_lean.forward(*args), None
+        return ops.attn_lean(*args), None

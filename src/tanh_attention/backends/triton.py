@@ -11,7 +11,6 @@ defined), and only when forced with ``backend="triton"``: the interpreter is rig
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from typing import ClassVar
@@ -19,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .. import _torch_private
 from ..ops import Kernels, OpPair, declare_op_pair
 from . import Backend, Inputs
 
@@ -69,7 +69,7 @@ class TritonBackend(Backend):
     explicit_ops = True
 
     def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("triton") is None:
+        if not _torch_private.module_available("triton"):
             return "Triton is not installed (pip install triton)"
         if not INTERPRET and not torch.cuda.is_available():
             return (
@@ -98,6 +98,6 @@ class TritonBackend(Backend):
         weights, lean = op_pairs()
         args = (inputs.q, inputs.k, inputs.v, inputs.attn_mask, inputs.scale, inputs.causal)
         if inputs.need_weights:
-            o, a = weights.forward(*args)
+            o, a = weights(*args)
             return o, a
-        return lean.forward(*args), None
+        return lean(*args), None

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _torch_private
+
 __all__ = ["LOAD_BALANCES", "chunks", "shard_sequence", "unshard_sequence"]
 
 LOAD_BALANCES = (None, "head_tail")
@@ -158,7 +160,7 @@ def all_gather_seq(x: Tensor, dim: int, group: Any) -> Tensor:
     dtype = x.dtype
     wide = torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
     y = x.movedim(dim, 0).to(wide).contiguous()
-    g = funcol.all_gather_single_autograd(y, 0, process_group(group))
+    g = _torch_private.all_gather_autograd(y, process_group(group))
     g = funcol.wait_tensor(g)
     # contiguous: the kernels are much faster on row-major K/V than on this permuted view
     return g.to(dtype).movedim(0, dim).contiguous()

@@ -27,7 +27,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["MatmulT", "forward_block_", "jvp_block_", "keep_block_", "vjp_block_"]
+__all__ = [
+    "MatmulT",
+    "add_product_",
+    "forward_block_",
+    "jvp_block_",
+    "keep_block_",
+    "vjp_block_",
+]
 
 
 def _matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
@@ -36,6 +43,15 @@ def _matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
 
 
 MatmulT = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def add_product_(acc: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+    """In place: ``acc += alpha * x @ y``. A float32 accumulator of bfloat16 blocks takes
+    each block's product in bfloat16 (the fast kernels, accumulating in float32 inside) and
+    adds it in float32, so the sum over blocks is never rounded to bfloat16."""
+    if acc.dtype == x.dtype:
+        return acc.baddbmm_(x, y, alpha=alpha)
+    return acc.add_(torch.bmm(x, y), alpha=alpha)
 
 
 def keep_block_(
@@ -84,7 +100,7 @@ def forward_block_(
         ``a``, masked.
     """
     keep_block_(a, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
-    o.baddbmm_(a, v)
+    add_product_(o, a, v)
     return a
 
 
@@ -140,11 +156,11 @@ def vjp_block_(
         keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
         g_rc = g.mT if transposed else g
         if g_q is not None:
-            g_q.baddbmm_(g_rc, k, alpha=scale)
+            add_product_(g_q, g_rc, k, scale)
         if g_k is not None:
-            g_k.baddbmm_(g_rc.mT, q, alpha=scale)
+            add_product_(g_k, g_rc.mT, q, scale)
     if g_v is not None and g_o is not None:
-        g_v.baddbmm_(a_rc.mT, g_o)
+        add_product_(g_v, a_rc.mT, g_o)
 
 
 def jvp_block_(
@@ -182,6 +198,6 @@ def jvp_block_(
     if t is not None:
         torch.ops.aten.tanh_backward.grad_input(t, a, grad_input=t)
         keep_block_(t, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
-        t_o.baddbmm_(t, v, alpha=scale)
+        add_product_(t_o, t, v, scale)
     if t_v is not None:
-        t_o.baddbmm_(a, t_v)
+        add_product_(t_o, a, t_v)

@@ -37,11 +37,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .._checks import validate_attn_inputs
+from .._checks import call_shapes
 from ..formulas import causal_diagonal, scaled
 from . import memory
 from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
-from .cpu import matmul_t, scores_tanh
+from .cpu import matmul_t, scores_tanh, tanh_method
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
 
@@ -52,7 +52,13 @@ BLOCK_ROWS = 512
 BLOCK_COLS = 1024
 # Problems with fewer n * m entries than this are grouped, several per block, so that a
 # large batch of small problems is not one Python iteration per problem.
-_SMALL = 16384
+# (A block of several problems is one grouped oneDNN call, kernels/cpu.py.) With inputs
+# broadcast over the batch, grouping copies their blocks: then only much smaller problems.
+_SMALL = 65536
+_SMALL_SHARED = 16384
+# The dtype each input dtype is computed in, and the largest finite value of each.
+_COMPUTE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in (torch.float32, torch.float64)}
 # Up to this many queries a bfloat16 forward reads K and V in bfloat16 (see forward).
 _FEW_ROWS = 16
 
@@ -110,7 +116,10 @@ class _Problem:
         block_rows: int | None,
         block_cols: int | None,
     ) -> None:
-        shapes = validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
+        # The op bodies validated the call (kernels run after validation, see ops.py).
+        shapes = call_shapes(q, k, v, attn_mask)
+        if shapes is None:
+            raise ValueError("blockwise: the batch dims of q, k, v and attn_mask do not broadcast")
         memory.warm_heap()  # block buffers stay in the heap, not faulted in again per block
         self.batch, self.weights_batch = shapes.batch, shapes.weights_batch
         self.size = math.prod(self.batch)
@@ -118,13 +127,33 @@ class _Problem:
         self.dtype, self.device = q.dtype, q.device
         # bfloat16/float16 accumulate in float32 (one rounding at the end); a scale beyond
         # float32's range would meet 0 * inf there, so such calls compute in float64.
-        self.compute = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-        if abs(scale) > torch.finfo(self.compute).max:
+        self.compute = _COMPUTE.get(q.dtype, q.dtype)
+        if abs(scale) > _LARGEST[self.compute]:
             self.compute = torch.float64
         self.scale = scale
+        # bfloat16 where the CPU multiplies it natively (oneDNN's bf16 kernels, probed): the
+        # blocks stay bfloat16, each block's products accumulate in float32 inside oneDNN,
+        # and the sums over blocks (o, the gradients) are float32 (blocks.add_product_).
+        self.native = (
+            q.dtype == torch.bfloat16
+            and self.compute == torch.float32
+            and tanh_method(q.dtype, q.device)[0] == "onednn"
+        )
+        self.blocks = q.dtype if self.native else self.compute
         self.diagonal = causal_diagonal(causal, self.n, self.m)
         self.skip = self.diagonal is not None
         self.mask = None if attn_mask is None else attn_mask.expand(*self.batch, self.n, self.m)
+        # The mask as (1 or B, n, m) where that is a view: one mask for all problems (a causal
+        # or padding pattern shared by the batch), or one per problem.
+        self.mask_shared = attn_mask is not None and math.prod(attn_mask.shape[:-2]) == 1
+        self.mask_flat = None
+        if attn_mask is not None and (self.mask_shared or self.batch == attn_mask.shape[:-2]):
+            own = attn_mask.expand(*attn_mask.shape[:-2], self.n, self.m)
+            try:
+                self.mask_flat = own.view(-1, self.n, self.m)
+            except RuntimeError:  # its strides allow no such view: blocks are gathered instead
+                self.mask_flat = None
+                self.mask_shared = False
         self.rows = max(1, min(self.n, block_rows or BLOCK_ROWS))
         cols = block_cols or BLOCK_COLS
         if block_cols is None and self.rows < BLOCK_ROWS:
@@ -134,9 +163,13 @@ class _Problem:
         self.cols = max(1, min(self.m, cols))
         entries = self.n * self.m
         whole = self.rows == self.n and self.cols == self.m
-        self.group = (
-            max(1, (BLOCK_ROWS * BLOCK_COLS) // entries) if whole and entries < _SMALL else 1
-        )
+        # Grouping copies the blocks of broadcast inputs (keys shared by heads): only for
+        # problems too small for that copy to matter.
+        self.group = 1
+        if whole and entries < _SMALL:
+            shared = any(math.prod(t.shape[:-2]) != self.size for t in (q, k, v))
+            if entries < _SMALL_SHARED or not shared:
+                self.group = max(1, (BLOCK_ROWS * BLOCK_COLS) // entries)
         self.empty = self.size * entries == 0
 
     def flat(
@@ -148,8 +181,10 @@ class _Problem:
         shares them, are never copied per head). ``compute``: in the compute dtype."""
         if t is None:
             return None
-        if compute:
+        if compute and t.dtype != self.compute:
             t = t.to(self.compute)  # t's own size: no broadcast copy
+        if t.shape[:-2] == self.batch:
+            return t.reshape(self.size, rows, cols)
         full = t.expand(*self.batch, rows, cols)
         if full.shape[:-2] == t.shape[:-2]:
             return full.reshape(self.size, rows, cols)
@@ -186,7 +221,9 @@ class _Problem:
         ``|scale| * |q_i| * |k_j|`` (which bounds every partial sum) and ``|scale| * |q_i|``,
         ``|scale| * |k_j|`` stay well inside the compute dtype for all rows. Otherwise the
         scores are scaled after the product (formulas.scaled)."""
-        if self.scale == 1.0 or q.numel() == 0 or k.numel() == 0:
+        if abs(self.scale) <= 1.0 or q.numel() == 0 or k.numel() == 0:
+            # |scale * x| <= |x| for every partial sum: no overflow where q @ k^T has none
+            # (the usual 1/sqrt(d) needs no look at the data, and no sync).
             return True
         top = torch.finfo(self.compute).max / 4
         # In the compute dtype but without a converted copy of q or k.
@@ -219,9 +256,14 @@ class _Problem:
         return max(0, min(self.m, i1 + self.diagonal))
 
     def mask_block(self, tile: _Tile) -> Tensor | None:
-        """The attn_mask block of ``tile`` as ``(G, rows, cols)`` (a view unless G > 1)."""
+        """The attn_mask block of ``tile`` as ``(G, rows, cols)``, or ``(1, rows, cols)`` for a
+        mask shared by every problem (the masking broadcasts it); a view unless the mask
+        varies over only some batch dims and G > 1."""
         if self.mask is None:
             return None
+        if self.mask_flat is not None:
+            batch = slice(None) if self.mask_shared else tile.batch
+            return self.mask_flat[batch, tile.rows, tile.cols]
         blocks = [
             self.mask[self.batch_index(b)][tile.rows, tile.cols]
             for b in range(tile.batch.start, tile.batch.stop)
@@ -299,7 +341,8 @@ def forward(
     # converting them to float32 would read and write them again, so its products read
     # bfloat16 (accumulating in float32, as the composite's) and only the small blocks of
     # scores and weights are float32.
-    native = q.dtype == torch.bfloat16 and p.n <= _FEW_ROWS and p.compute == torch.float32
+    decode = q.dtype == torch.bfloat16 and p.n <= _FEW_ROWS and p.compute == torch.float32
+    native = decode or p.native
     if not p.empty:
         q3, k3, v3 = (
             p.flat(x, rows, cols, compute=not native)
@@ -307,9 +350,9 @@ def forward(
         )
         assert q3 is not None and k3 is not None and v3 is not None
         o3, a3 = o.view(p.size, p.n, p.e), None if a is None else a.view(p.size, p.n, p.m)
-        prescale = native or p.prescale(q, k)  # the native path scales after the product
+        prescale = decode or p.prescale(q, k)  # the decoding path scales after the product
         for t in p.tiles():
-            if native:
+            if decode:
                 x = torch.matmul(q3[t.batch, t.rows], k3[t.batch, t.cols].mT)
                 block = scaled(x.float(), scale).tanh_()
                 keep_block_(block, causal_diagonal=t.causal_diagonal, attn_mask=p.mask_block(t))
@@ -393,9 +436,11 @@ def backward(
         spread[where] = grad_a.reshape(spread[where].shape)
         grad_a = spread
     if not p.empty:
-        q3, k3, v3 = p.flat(q, p.n, p.d), p.flat(k, p.m, p.d), p.flat(v, p.m, p.e)
+        convert = not p.native
+        q3, k3 = p.flat(q, p.n, p.d, convert), p.flat(k, p.m, p.d, convert)
+        v3 = p.flat(v, p.m, p.e, convert)
         assert q3 is not None and k3 is not None and v3 is not None
-        g_o3 = p.flat(grad_o, p.n, p.e)
+        g_o3 = p.flat(grad_o, p.n, p.e, convert)
         g_a3 = p.flat(grad_a, p.n, p.m, compute=False)
         a3 = p.flat(a, p.n, p.m, compute=False)
         g_q3 = None if g_q is None else g_q.view(p.size, p.n, p.d)
@@ -410,13 +455,13 @@ def backward(
                     a_block, causal_diagonal=t.causal_diagonal, attn_mask=mask, transposed=True
                 )
             else:
-                a_block = a3[t.batch, t.rows, t.cols].to(p.compute)
+                a_block = a3[t.batch, t.rows, t.cols].to(p.blocks)
             vjp_block_(
                 None if g_q3 is None else g_q3[t.batch, t.rows],
                 None if g_k3 is None else g_k3[t.batch, t.cols],
                 None if g_v3 is None else g_v3[t.batch, t.cols],
                 None if g_o3 is None else g_o3[t.batch, t.rows],
-                None if g_a3 is None else g_a3[t.batch, t.rows, t.cols].to(p.compute),
+                None if g_a3 is None else g_a3[t.batch, t.rows, t.cols].to(p.blocks),
                 q3[t.batch, t.rows],
                 k3[t.batch, t.cols],
                 v3[t.batch, t.cols],

@@ -11,14 +11,21 @@ scores are still in registers (``torch.ops.mkldnn._linear_pointwise(q, k, None, 
 compiled on install or at run time. The same oneDNN product without the epilogue computes the
 backward's ``g_o @ v^T``; :func:`matmul_t` uses it.
 
-The oneDNN path is taken only where a probe on first use shows it runs and is accurate for
-the dtype (float32, and bfloat16 where the CPU supports it); otherwise a block is computed
+A block of several small problems, each with its own keys (a batch of short sequences),
+is one grouped 1x1 convolution with the same fused tanh (``_convolution_pointwise``, one
+group per problem): one oneDNN call for the whole batch, where a matrix product per problem
+would cost a Python and oneDNN call each, and ``torch.bmm`` followed by ``torch.tanh_`` pays
+the slow tanh (``benchmarks/RESULTS.md``, "Many small problems").
+
+The oneDNN paths are taken only where a probe on first use shows they run and are accurate
+for the dtype (float32, and bfloat16 where the CPU supports it); otherwise a block is computed
 with ``torch.matmul`` (and ``torch.tanh_``). :func:`tanh_method` says which one runs, and why.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,11 +50,42 @@ def _ulp_error(got: Tensor, x: Tensor) -> Tensor:
     return (got.double() - exact).abs() / spacing.double()
 
 
+# Blocks with fewer score entries than this take torch.matmul and tanh_: below it a oneDNN
+# call costs more than its fused tanh saves (measured: 32 x 32 scores, d = 64, 15 us by oneDNN,
+# 6.5 us by torch; 64 x 64 equal; 128 x 128, 27 and 70 us).
+_FUSED_MIN_ENTRIES = 4096
+# Blocks of several problems with fewer score entries than this in all take torch.bmm: below
+# it oneDNN's per-call cost exceeds what its fused tanh saves (measured: 16 problems of 16 x 16
+# take 20 us by bmm + tanh_, 60 us by the grouped convolution; 64 of 32 x 32, 220 and 170 us).
+_GROUPED_MIN_ENTRIES = 32768
+
+
 def _onednn(x: Tensor, w: Tensor, attr: str) -> Tensor:
     """``attr(x @ w^T)`` by oneDNN: x ``(..., n, d)``, w ``(m, d)``; attr in the GEMM epilogue."""
     op = linear_pointwise()
     assert op is not None  # callers check _onednn_reason first
     return op(x, w, None, attr, [], "")
+
+
+def _convolution_pointwise() -> Any:
+    return getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+
+
+def _onednn_grouped(x: Tensor, w: Tensor, attr: str) -> Tensor:
+    """``attr(x @ w^T)`` for G problems at once: x ``(G, n, d)``, w ``(G, m, d)`` -> ``(G, n, m)``.
+
+    One 1x1 convolution with G groups: the n queries are its positions and the G * m keys its
+    output channels, group g seeing only problem g's d input channels. Channels-last input
+    (positions outer, channels inner: x laid out as ``(n, G, d)``) is oneDNN's fast layout; the
+    result comes back laid out ``(n, G, m)`` and is returned as a ``(G, n, m)`` view of it.
+    """
+    g, n, d = x.shape
+    m = w.shape[1]
+    positions = x.transpose(0, 1).reshape(1, n, 1, g * d).permute(0, 3, 1, 2)
+    out = _convolution_pointwise()(
+        positions, w.reshape(g * m, d, 1, 1), None, [0, 0], [1, 1], [1, 1], g, attr, [], ""
+    )
+    return out.permute(0, 2, 3, 1).reshape(n, g, m).transpose(0, 1)
 
 
 @functools.cache
@@ -64,12 +102,43 @@ def _onednn_reason(dtype: torch.dtype) -> str | None:
     except RuntimeError as err:  # oneDNN has no kernel for this dtype on this CPU
         return f"oneDNN cannot run it here ({str(err).splitlines()[0]})"
     got = got.squeeze(-1).float()
+    return _accuracy_reason(got, x, dtype)
+
+
+def _accuracy_reason(got: Tensor, x: Tensor, dtype: torch.dtype) -> str | None:
+    """Why ``got`` is not accurate enough as ``tanh(x)`` in ``dtype``, or None."""
     if dtype == torch.float32:
         worst = _ulp_error(got, x).max().item()
         if worst > MAX_ULP:
             return f"oneDNN's tanh is {worst:.2g} ulp off here (limit {MAX_ULP})"
     elif not torch.allclose(got, torch.tanh(x.to(dtype).float()), rtol=2**-7, atol=0.0):
         return f"oneDNN's tanh is inaccurate for {dtype} here"
+    return None
+
+
+@functools.cache
+def _grouped_reason(dtype: torch.dtype) -> str | None:
+    """Why the grouped convolution with fused tanh cannot serve ``dtype`` here, or None."""
+    reason = _onednn_reason(dtype)
+    if reason is not None:
+        return reason
+    if _convolution_pointwise() is None:
+        return "this PyTorch build has no oneDNN convolution with fused epilogue"
+    mag = torch.logspace(-30, torch.log10(torch.tensor(20.0)).item(), _PROBE_POINTS // 2)
+    x = torch.cat([-mag.flip(0), torch.zeros(1), mag])
+    # Two problems (so two groups), each x against the keys [1] and [-1].
+    queries = torch.stack([x, -x]).unsqueeze(-1).to(dtype)
+    keys = torch.tensor([[[1.0], [-1.0]], [[-1.0], [1.0]]], dtype=dtype)
+    try:
+        got = _onednn_grouped(queries, keys, "tanh")
+    except RuntimeError as err:
+        return f"oneDNN's grouped convolution cannot run it here ({str(err).splitlines()[0]})"
+    for column, sign in ((0, 1.0), (1, -1.0)):
+        reason = _accuracy_reason(got[0, :, column].float(), sign * x, dtype)
+        if reason is None:
+            reason = _accuracy_reason(got[1, :, column].float(), sign * x, dtype)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -98,9 +167,23 @@ def _fused(x: Tensor, y: Tensor) -> bool:
     empty dimension (oneDNN rejects K = 0) and a dtype the probe accepted."""
     return (
         y.shape[0] == 1
-        and x.numel() > 0
-        and y.numel() > 0
+        and x.shape[-1] > 0
+        and x.shape[0] * x.shape[1] * y.shape[1] >= _FUSED_MIN_ENTRIES
         and tanh_method(x.dtype, x.device)[0] == "onednn"
+    )
+
+
+def _grouped(x: Tensor, y: Tensor) -> bool:
+    """Whether the grouped convolution serves ``x @ y^T`` for this block: several problems
+    with their own keys, enough entries to pay for a oneDNN call, a dtype the probe accepted."""
+    g, n, m = x.shape[0], x.shape[1], y.shape[1]
+    return (
+        g > 1
+        and y.shape[0] == g
+        and g * n * m >= _GROUPED_MIN_ENTRIES
+        and x.shape[2] > 0
+        and x.device.type == "cpu"
+        and _grouped_reason(x.dtype) is None
     )
 
 
@@ -116,9 +199,10 @@ def scores_tanh(q: Tensor, k: Tensor, scale: float, prescale: bool = True) -> Te
             not; then the product is scaled afterwards.
 
     Returns:
-        ``(G, n, m)`` in q's dtype. The oneDNN path needs one key matrix for the block; a
-        block of several problems with their own keys (only tiny problems are batched that
-        way, see ``blockwise``) takes the torch path.
+        ``(G, n, m)`` in q's dtype, possibly a strided view (each row contiguous). One key
+        matrix for the block takes oneDNN's matrix product; several problems with their own
+        keys (only small problems are batched that way, see ``blockwise``) one grouped
+        convolution, or ``torch.bmm`` where the block is too small to pay for it.
 
     Example:
         >>> q, k = torch.randn(1, 3, 2), torch.randn(1, 4, 2)
@@ -133,6 +217,8 @@ def scores_tanh(q: Tensor, k: Tensor, scale: float, prescale: bool = True) -> Te
         # oneDNN is fast on dense operands only: a stride-0 or permuted block (an expanded
         # gradient, a sequence-first view) is made contiguous first (block-sized).
         return _onednn(qs.contiguous(), k[0].contiguous(), "tanh")
+    if _grouped(qs, k):
+        return _onednn_grouped(qs, k, "tanh")
     return torch.matmul(qs, k.mT).tanh_()
 
 

@@ -749,6 +749,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(B x H = 32, d = 128, bottom-right causal, o only) vs the composite and the memory "
         "limit (with --quick: m <= 4096)",
     )
+    from . import bench_models  # --models, --layer, --threads
+
+    bench_models.add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (>= 5)")
     parser.add_argument(
         "--memory",
@@ -815,6 +818,12 @@ def run(args: argparse.Namespace) -> int:
 
     _validate(args)
     console = Console(stderr=True)
+    if args.models or args.layer:
+        from . import bench_models
+
+        return bench_models.run_cli(args, console)
+    if args.threads is not None:
+        raise ValueError("bench: --threads applies to --models and --layer only")
     if args.decode:
         return _run_decode(args, console)
     configs = sweep(quick=args.quick, sizes=args.sizes)
