@@ -660,12 +660,15 @@ def test_nested_tensor_is_refused() -> None:
         mha(nt, nt, nt)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "random"])
-def test_self_attention_packed_projection(batch_first: bool, mask_kind: str) -> None:
+def test_self_attention_packed_projection(
+    batch_first: bool, mask_kind: str, is_causal: bool
+) -> None:
     """One tensor as query, key and value takes the packed projection (one product, one
-    layout copy), and an attn_mask that is exactly the causal mask with is_causal=True is
-    replaced by the causal flag: both give the reference's outputs and gradients."""
+    layout copy), and an attn_mask that is exactly the causal mask (with is_causal or not)
+    is replaced by the causal flag: both give the reference's outputs and gradients."""
     torch.manual_seed(7)
     mha = MultiheadTanhAttention(8, 2, batch_first=batch_first, dtype=torch.float64)
     params = dict(mha.named_parameters())
@@ -693,7 +696,7 @@ def test_self_attention_packed_projection(batch_first: bool, mask_kind: str) -> 
         mock.patch.object(tnn.F, "linear", linear),
         mock.patch.object(tnn, "attn", attn),
     ):
-        out, _ = mha(x, x, x, attn_mask=attn_mask, is_causal=True, need_weights=False)
+        out, _ = mha(x, x, x, attn_mask=attn_mask, is_causal=is_causal, need_weights=False)
     assert seen["linear"] == [(24, 8), (8, 8)]  # the packed in-projection, the out-projection
     assert (seen["attn_mask"][0] is None) == (mask_kind != "random")
     ref, _ = reference_mha(
@@ -706,7 +709,7 @@ def test_self_attention_packed_projection(batch_first: bool, mask_kind: str) -> 
         add_zero_attn=False,
         scale=0.5,
         attn_mask=attn_mask,
-        is_causal=True,
+        is_causal=is_causal,
     )
     torch.testing.assert_close(out, ref)
     inputs = [x, *params.values()]

@@ -344,15 +344,16 @@ class MultiheadTanhAttention(nn.Module):
         n_batch: int,
         tgt_len: int,
         src_len: int,
-        is_causal: bool = False,
-    ) -> Tensor | None:
-        """The combined keep-mask, broadcastable to ``(N, H, L, S)``, or None.
+    ) -> tuple[Tensor | None, bool]:
+        """The combined keep-mask, broadcastable to ``(N, H, L, S)``, or None; and whether the
+        attn_mask was exactly the causal mask.
 
-        With ``is_causal``, an ``(L, S)`` attn_mask that is exactly the causal mask (how
-        ``nn.MultiheadAttention`` callers pass it alongside the flag) adds nothing to the
-        operator's causal flag and is dropped, so the kernels skip the masked blocks instead
-        of masking every entry."""
+        An ``(L, S)`` attn_mask that is exactly the (top-left) causal mask, the usual one,
+        with or without ``is_causal``, is replaced by the operator's causal flag: the same
+        keep-mask, but the kernels then skip the masked blocks instead of masking every
+        entry."""
         keep: Tensor | None = None
+        mask_is_causal = False
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 expected: tuple[int, ...] = (tgt_len, src_len)
@@ -367,10 +368,12 @@ class MultiheadTanhAttention(nn.Module):
                     f"but got attn_mask.shape={tuple(attn_mask.shape)}."
                 )
             keep = self._to_keep("attn_mask", attn_mask)
-            if is_causal and keep.dim() == 2 and not torch.compiler.is_compiling():
-                causal_keep = torch.ones_like(keep).tril_()
-                if torch.equal(keep, causal_keep):
-                    keep = None
+            if (
+                keep.dim() == 2
+                and not torch.compiler.is_compiling()
+                and torch.equal(keep, torch.ones_like(keep).tril_())
+            ):
+                keep, mask_is_causal = None, True
             if keep is not None and keep.dim() == 3:
                 keep = keep.reshape(-1, self.num_heads, tgt_len, src_len)
         if key_padding_mask is not None:
@@ -384,7 +387,7 @@ class MultiheadTanhAttention(nn.Module):
             kp = self._to_keep("key_padding_mask", key_padding_mask)
             kp = kp.view(n_batch, 1, 1, src_len)
             keep = kp if keep is None else keep & kp
-        return keep
+        return keep, mask_is_causal
 
     # ----------------------------------------------------------------------------------------
     # Forward
@@ -505,9 +508,10 @@ class MultiheadTanhAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         n_batch, tgt_len, _ = query.shape
         src_len = key.shape[1]
-        keep = self._keep_mask(
-            attn_mask, key_padding_mask, batched, n_batch, tgt_len, src_len, is_causal
+        keep, mask_is_causal = self._keep_mask(
+            attn_mask, key_padding_mask, batched, n_batch, tgt_len, src_len
         )
+        is_causal = is_causal or mask_is_causal
 
         # --- projections, extra keys, heads
         h, hd = self.num_heads, self.head_dim

@@ -119,7 +119,9 @@ def _forward(
     _, w = _layout.world(group)
     n_batch, l_local, _ = query.shape
     s_local = key.shape[1]
-    keep = m._keep_mask(attn_mask, key_padding_mask, True, n_batch, l_local * w, s_local * w)
+    keep, mask_is_causal = m._keep_mask(
+        attn_mask, key_padding_mask, True, n_batch, l_local * w, s_local * w
+    )
     q, k, v = m._in_projection(query, key, value)
     h, hd = m.num_heads, m.head_dim
     q = q.view(n_batch, l_local, h, hd).transpose(1, 2).contiguous()
@@ -131,7 +133,7 @@ def _forward(
         v,
         group=group,
         scale=m.scale,
-        causal=bool(is_causal),
+        causal=bool(is_causal) or mask_is_causal,
         attn_mask=keep,
         method=style.method,
         load_balance=style.load_balance,

@@ -58,6 +58,9 @@ _FUSED_MIN_ENTRIES = 4096
 # it oneDNN's per-call cost exceeds what its fused tanh saves (measured: 16 problems of 16 x 16
 # take 20 us by bmm + tanh_, 60 us by the grouped convolution; 64 of 32 x 32, 220 and 170 us).
 _GROUPED_MIN_ENTRIES = 32768
+# ... and blocks of fewer rows (queries) than this: a convolution over one position is slow
+# (32 decoding steps, one query against 4096 keys each: 28 ms grouped, 7.8 ms by bmm).
+_GROUPED_MIN_ROWS = 16
 
 
 def _onednn(x: Tensor, w: Tensor, attr: str) -> Tensor:
@@ -180,6 +183,7 @@ def _grouped(x: Tensor, y: Tensor) -> bool:
     return (
         g > 1
         and y.shape[0] == g
+        and n >= _GROUPED_MIN_ROWS
         and g * n * m >= _GROUPED_MIN_ENTRIES
         and x.shape[2] > 0
         and x.device.type == "cpu"
