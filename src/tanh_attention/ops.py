@@ -11,7 +11,8 @@ The forward op's autograd formula calls the backward op (the hand-derived VJP); 
 op's own autograd formula is ``formulas.vjp_of_vjp``, plain torch code, so double backward and
 beyond work and the backward stays one opaque node under ``torch.compile`` and ``torch.export``.
 A pair "with weights" returns ``(o, a)`` and saves ``a``; a pair without returns ``o`` only,
-saves nothing of size ``n x m``, and its backward recomputes each block of ``a``. The op
+saves nothing of size ``n x m``, and its backward recomputes each block of ``a`` (plain
+eager calls run the same kernels without the op's dispatch, see :class:`_Eager`). The op
 bodies are :class:`Kernels` (pure functions, ``kernels/``) registered per device type.
 
 Two uses follow: ``torch.ops.tanh_attention.attn`` (with weights) and

@@ -19,7 +19,8 @@ class CpuBackend(Backend):
     name = "cpu"
     description = (
         "stage 4, torch.ops.tanh_attention.attn / attn_lean: custom ops on blocked CPU "
-        "kernels (oneDNN's fused tanh where accurate); o-only path never builds n x m"
+        "kernels (oneDNN's fused tanh where accurate); o-only path keeps no n x m for long "
+        "sequences"
     )
     device_types: ClassVar[frozenset[str]] = frozenset({"cpu"})
     memory_efficient = True

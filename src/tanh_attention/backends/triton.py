@@ -58,8 +58,8 @@ class TritonBackend(Backend):
     name = "triton"
     description = (
         "torch.ops.tanh_attention.triton_attn / triton_attn_lean: fused Triton kernels for "
-        "CUDA (CPU tensors under TRITON_INTERPRET=1, forced only); o-only path never builds "
-        "n x m"
+        "CUDA (CPU tensors under TRITON_INTERPRET=1, forced only); o-only path keeps no "
+        "n x m for long sequences"
     )
     device_types: ClassVar[frozenset[str]] = (
         frozenset({"cuda", "cpu"}) if INTERPRET else frozenset({"cuda"})
