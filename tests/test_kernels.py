@@ -888,3 +888,24 @@ def test_many_small_problems_float32(
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
     if cpu_kernels._grouped_reason(torch.float32) is None:
         assert calls, "the grouped convolution was not used"
+
+
+def test_lean_keeps_short_weights_only_for_a_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The o-only path asks its kernel for a (to keep for the backward) only for a short
+    sequence with an input that wants a gradient; inference builds none."""
+    asked: list[bool] = []
+    kernels = ops.attn_lean.kernels["cpu"]
+
+    def forward(*args: Any, need_weights: bool) -> Any:
+        asked.append(need_weights)
+        return kernels.forward(*args, need_weights=need_weights)
+
+    monkeypatch.setitem(
+        ops.attn_lean.kernels, "cpu", ops.Kernels(forward, kernels.backward, kernels.jvp)
+    )
+    q, k, v = (x.detach() for x in _lean_inputs())
+    tanh_attention.attn(q, k, v, need_weights=False)
+    with torch.no_grad():
+        tanh_attention.attn(q.requires_grad_(), k, v, need_weights=False)
+    tanh_attention.attn(q, k, v, need_weights=False)
+    assert asked == [False, False, True]

@@ -84,7 +84,11 @@ class OpPair:
         kernels = self.kernels.get(q.device.type)
         if kernels is None or not _plain_eager((q, k, v, attn_mask)):
             return self.forward(q, k, v, attn_mask, scale, causal)
-        return _Eager.apply(self, kernels, q, k, v, attn_mask, scale, causal)
+        # Whether a backward may follow (Function.forward itself runs with grad off).
+        backward = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+        )
+        return _Eager.apply(self, kernels, backward, q, k, v, attn_mask, scale, causal)
 
 
 _FORWARD_ARGS = (
@@ -351,6 +355,7 @@ class _Eager(torch.autograd.Function):
         ctx: Any,
         pair: OpPair,
         kernels: Kernels,
+        backward: bool,
         q: Tensor,
         k: Tensor,
         v: Tensor,
@@ -359,7 +364,8 @@ class _Eager(torch.autograd.Function):
         causal: str,
     ) -> Any:
         n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-        keep = pair.weights or n * m <= n * d + m * (d + e)
+        short = n * m <= n * d + m * (d + e)
+        keep = pair.weights or (short and backward)
         o, a = kernels.forward(q, k, v, attn_mask, scale, causal, need_weights=keep)
         ctx.save_for_backward(q, k, v, attn_mask, a)
         ctx.pair, ctx.kernels, ctx.scale, ctx.causal = pair, kernels, scale, causal
@@ -369,9 +375,9 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
         grad_o, grad_a = grads if ctx.pair.weights else (grads[0], None)
-        needs = _needs(ctx.needs_input_grad[2:5], grad_o, grad_a)
+        needs = _needs(ctx.needs_input_grad[3:6], grad_o, grad_a)
         if not any(needs):
-            return (None,) * 8
+            return (None,) * 9
         q, k, v, attn_mask, a = ctx.saved_tensors
         args = (grad_o, grad_a, q, k, v, a, attn_mask, ctx.scale, ctx.causal, needs)
         if torch.is_grad_enabled() or not _plain_eager((grad_o, grad_a)):
@@ -385,7 +391,7 @@ class _Eager(torch.autograd.Function):
             g_q, g_k, g_v = (g if need else None for g, need in zip(out, needs, strict=True))
         else:
             g_q, g_k, g_v = ctx.kernels.backward(*args)
-        return None, None, g_q, g_k, g_v, None, None, None
+        return None, None, None, g_q, g_k, g_v, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

@@ -341,7 +341,12 @@ def forward(
     # converting them to float32 would read and write them again, so its products read
     # bfloat16 (accumulating in float32, as the composite's) and only the small blocks of
     # scores and weights are float32.
-    decode = q.dtype == torch.bfloat16 and p.n <= _FEW_ROWS and p.compute == torch.float32
+    decode = (
+        q.dtype == torch.bfloat16
+        and p.n <= _FEW_ROWS
+        and p.compute == torch.float32
+        and not p.native  # oneDNN's bf16 kernels with the fused tanh are faster still
+    )
     native = decode or p.native
     if not p.empty:
         q3, k3, v3 = (

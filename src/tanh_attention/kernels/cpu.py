@@ -58,8 +58,10 @@ _FUSED_MIN_ENTRIES = 4096
 # it oneDNN's per-call cost exceeds what its fused tanh saves (measured: 16 problems of 16 x 16
 # take 20 us by bmm + tanh_, 60 us by the grouped convolution; 64 of 32 x 32, 220 and 170 us).
 _GROUPED_MIN_ENTRIES = 32768
-# ... and blocks of fewer rows (queries) than this: a convolution over one position is slow
-# (32 decoding steps, one query against 4096 keys each: 28 ms grouped, 7.8 ms by bmm).
+# ... and blocks of fewer rows (queries) than this, or of more than 4 columns (keys) per row:
+# a convolution over few positions with many output channels is slow (32 decoding steps, one
+# query against 4096 keys each: 28 ms grouped, 7.8 ms by bmm; 16 queries against 1024 keys,
+# d = 128: 4.0 against 3.7 ms in float32, 2.4 against 1.1 ms in bfloat16).
 _GROUPED_MIN_ROWS = 16
 
 
@@ -184,6 +186,7 @@ def _grouped(x: Tensor, y: Tensor) -> bool:
         g > 1
         and y.shape[0] == g
         and n >= _GROUPED_MIN_ROWS
+        and m <= 4 * n
         and g * n * m >= _GROUPED_MIN_ENTRIES
         and x.shape[2] > 0
         and x.device.type == "cpu"
