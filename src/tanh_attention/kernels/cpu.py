@@ -93,6 +93,12 @@ def _onednn_grouped(x: Tensor, w: Tensor, attr: str) -> Tensor:
     return out.permute(0, 2, 3, 1).reshape(n, g, m).transpose(0, 1)
 
 
+def _probe_points() -> Tensor:
+    """The probe sample: 0 and float32 values from 1e-30 to 20, log-spaced, both signs."""
+    mag = torch.logspace(-30, torch.log10(torch.tensor(20.0)).item(), _PROBE_POINTS // 2)
+    return torch.cat([-mag.flip(0), torch.zeros(1), mag])
+
+
 @functools.cache
 def _onednn_reason(dtype: torch.dtype) -> str | None:
     """Why oneDNN's fused tanh cannot serve ``dtype`` on this machine, or None if it can."""
@@ -100,8 +106,7 @@ def _onednn_reason(dtype: torch.dtype) -> str | None:
         return "this PyTorch build has no oneDNN matmul with fused epilogue (mkldnn)"
     if dtype not in (torch.float32, torch.bfloat16):
         return f"oneDNN's fused tanh is not used for {dtype}"
-    mag = torch.logspace(-30, torch.log10(torch.tensor(20.0)).item(), _PROBE_POINTS // 2)
-    x = torch.cat([-mag.flip(0), torch.zeros(1), mag])
+    x = _probe_points()
     try:
         got = _onednn(x.to(dtype).unsqueeze(-1), torch.ones(1, 1, dtype=dtype), "tanh")
     except RuntimeError as err:  # oneDNN has no kernel for this dtype on this CPU
@@ -129,8 +134,7 @@ def _grouped_reason(dtype: torch.dtype) -> str | None:
         return reason
     if _convolution_pointwise() is None:
         return "this PyTorch build has no oneDNN convolution with fused epilogue"
-    mag = torch.logspace(-30, torch.log10(torch.tensor(20.0)).item(), _PROBE_POINTS // 2)
-    x = torch.cat([-mag.flip(0), torch.zeros(1), mag])
+    x = _probe_points()
     # Two problems (so two groups), each x against the keys [1] and [-1].
     queries = torch.stack([x, -x]).unsqueeze(-1).to(dtype)
     keys = torch.tensor([[[1.0], [-1.0]], [[-1.0], [1.0]]], dtype=dtype)

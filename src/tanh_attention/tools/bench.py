@@ -30,6 +30,7 @@ Heavy imports (torch, JAX, matplotlib, Rich) happen inside functions, so ``tanh-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,7 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -804,9 +805,10 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``tanh-attention bench``; returns 0 (a missed goal is a result, not an error)."""
-    from rich.console import Console
+@contextlib.contextmanager
+def step_progress(console: Any, title: str, steps: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar of ``steps`` steps; yields ``progress(label)``, called once per step.
+    Where the console is not a terminal (a log), each step prints one line instead."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -814,6 +816,40 @@ def run(args: argparse.Namespace) -> int:
         TextColumn,
         TimeElapsedColumn,
     )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(title, total=steps)
+
+        def progress(label: str) -> None:
+            bar.update(task, description=label[:60], advance=1)
+            if not console.is_terminal:
+                done = int(bar.tasks[0].completed)
+                console.print(f"[{done}/{steps}] {time.strftime('%H:%M:%S')} {label}")
+
+        yield progress
+
+
+def partial_writer(path: Path | None) -> Callable[[dict[str, Any]], None]:
+    """``partial(report)``: writes an unfinished report to ``path`` (marked ``partial``), so
+    an interrupted run leaves what it measured; a no-op without a path."""
+
+    def partial(report: dict[str, Any]) -> None:
+        if path:
+            path.write_text(json.dumps({**report, "partial": True}, indent=1))
+
+    return partial
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``tanh-attention bench``; returns 0 (a missed goal is a result, not an error)."""
+    from rich.console import Console
     from rich.table import Table
 
     _validate(args)
@@ -831,26 +867,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick and memory == "main":
         memory = "none"
     steps = len(configs) * (len(args.impls) * 2 + 2) + 2
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("bench", total=steps)
-
-        def progress(label: str) -> None:
-            bar.update(task, description=label[:60], advance=1)
-            if not console.is_terminal:  # a log gets one line per step instead of a bar
-                done = int(bar.tasks[0].completed)
-                console.print(f"[{done}/{steps}] {time.strftime('%H:%M:%S')} {label}")
-
-        def partial(report: dict[str, Any]) -> None:
-            if args.json:
-                args.json.write_text(json.dumps({**report, "partial": True}, indent=1))
-
+    with step_progress(console, "bench", steps) as progress:
         report = run_benchmarks(
             configs,
             impls=args.impls,
@@ -858,7 +875,7 @@ def run(args: argparse.Namespace) -> int:
             memory=memory,
             max_gib=args.max_gib,
             progress=progress,
-            partial=partial,
+            partial=partial_writer(args.json),
         )
     report["command"] = _command(args)
 

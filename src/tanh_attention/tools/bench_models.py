@@ -56,7 +56,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .bench import Config, _jax_runner, _time_ms, _torch_inputs, _warm_up, machine_info
+from .bench import (
+    Config,
+    _jax_runner,
+    _time_ms,
+    _torch_inputs,
+    _warm_up,
+    machine_info,
+    partial_writer,
+    step_progress,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -712,7 +721,6 @@ def _command(args: argparse.Namespace) -> str:
 def run_cli(args: argparse.Namespace, console: Any) -> int:
     """``tanh-attention bench --models`` / ``--layer``: run, print, write the outputs."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     if args.decode:
@@ -725,26 +733,7 @@ def run_cli(args: argparse.Namespace, console: Any) -> int:
     steps = len(threads) * (len(shapes) * len(PATHS) * len(PASSES) + layer_count)
     for shape in skipped:
         console.print(f"skipped {shape.name}: a is {shape.a_bytes() / 2**20:.0f} MiB (> 512 MiB)")
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("bench --models", total=steps)
-
-        def progress(label: str) -> None:
-            bar.update(task, description=label[:60], advance=1)
-            if not console.is_terminal:  # a log gets one line per step instead of a bar
-                done = int(bar.tasks[0].completed)
-                console.print(f"[{done}/{steps}] {time.strftime('%H:%M:%S')} {label}")
-
-        def partial(report: dict[str, Any]) -> None:
-            if args.json:
-                args.json.write_text(json.dumps({**report, "partial": True}, indent=1))
-
+    with step_progress(console, "bench --models", steps) as progress:
         report = run_models(
             shapes,
             models=args.models,
@@ -753,7 +742,7 @@ def run_cli(args: argparse.Namespace, console: Any) -> int:
             threads=threads,
             repeats=args.repeats,
             progress=progress,
-            partial=partial,
+            partial=partial_writer(args.json),
         )
     report["skipped_shapes"] = [
         {**dataclasses.asdict(s), "a_mib": s.a_bytes() / 2**20} for s in skipped
