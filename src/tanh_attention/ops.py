@@ -345,8 +345,8 @@ class _Eager(torch.autograd.Function):
     (``create_graph=True``) goes through the backward op, whose autograd formula is
     ``formulas.vjp_of_vjp``.
 
-    The o-only pair keeps ``a`` for its backward where ``a`` is no larger than q, k and v
-    together (``n * m <= n * d + m * (d + e)``: short sequences), since recomputing it would
+    The o-only pair keeps ``a`` where a backward may follow and ``a`` is no larger than q, k
+    and v together (``n * m <= n * d + m * (d + e)``: short sequences), since recomputing it would
     cost more than the composite's whole backward there; saved memory then stays within twice
     the inputs' and linear in n. Longer sequences save nothing of size ``n x m``."""
 
