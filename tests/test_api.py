@@ -417,8 +417,19 @@ def test_bias_and_dropout_on_every_backend_or_a_reason() -> None:
 
         assert torch.autograd.gradcheck(f, (q, k, v, bias))
         assert torch.autograd.gradgradcheck(f, (q, k, v, bias))
-    with pytest.raises(ValueError, match="does not do dropout"):
-        attn(q, k, v, dropout_p=0.5, backend="cpu")
+    identity = torch.eye(5, dtype=F64)  # o = the weights after dropout: the mask shows
+    for b in tanh_attention.backends():
+        if not b.available:
+            continue
+        if not b.supports_dropout:
+            with pytest.raises(ValueError, match="does not do dropout"):
+                attn(q, k, v, dropout_p=0.5, backend=b.name)
+            continue
+        dropped, _ = attn(q, k, identity, dropout_p=0.5, backend=b.name)
+        kept = dropped != 0
+        assert 0 < kept.sum() < kept.numel()
+        a_ref = torch.tanh(q @ k.mT) * kept / 0.5
+        torch.testing.assert_close(dropped, a_ref.expand_as(dropped))
     o, _ = attn(q, k, v, bias=bias)  # the dispatcher finds the backend that takes it
     torch.testing.assert_close(o, torch.tanh(q @ k.mT + bias) @ v)
 

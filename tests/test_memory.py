@@ -116,6 +116,23 @@ def test_o_only_never_allocates_n_by_m(entry: Any, causal: str, dtype: torch.dty
     assert q.grad is not None and k.grad is not None and v.grad is not None
 
 
+@pytest.mark.parametrize("causal", ["none", "bottom_right"])
+def test_o_only_dropout_never_allocates_n_by_m(causal: str) -> None:
+    """Dropout's mask is made block by block from the seed, in forward and again in
+    backward: never stored whole."""
+    q, k, v = _inputs()
+    with _Allocations() as forward:
+        o = _public(q, k, v, causal=causal, dropout_p=0.3)
+    with _Allocations() as backward:
+        o.backward(torch.randn_like(o))
+    assert len(forward.sizes) > 10 and len(backward.sizes) > 10
+    assert forward.at_least(N * M) == []
+    assert backward.at_least(N * M) == []
+    with _Allocations() as composite:  # the check has teeth: the composite's mask is whole
+        tanh_attention.attn(q, k, v, need_weights=False, dropout_p=0.3, backend="composite")
+    assert composite.at_least(N * M) != []
+
+
 def test_recording_catches_an_n_by_m_tensor() -> None:
     """The check has teeth: the with-weights forward returns a, which it records."""
     q, k, v = _inputs()

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from . import dispatch
+from . import dispatch, dropout
 from ._checks import normalize_causal, validate_attn_inputs
 from .backends import Inputs
 
@@ -136,8 +136,10 @@ def attn(
         bias: optional float tensor of q's dtype, broadcastable like the mask, added to the
             scores before tanh (ALiBi, relative positions); it gets its gradient.
         dropout_p: drop each weight with this probability and scale the others by
-            ``1 / (1 - dropout_p)``, following ``torch.manual_seed``; ``a`` is returned after
-            dropout.
+            ``1 / (1 - dropout_p)``, following ``torch.manual_seed`` (one draw per call); ``a``
+            is returned after dropout. The mask is a function of the draw and each weight's
+            position (``tanh_attention.dropout``): the backward makes it again, so the
+            memory-efficient path stores no mask, and every CPU path drops the same weights.
 
     Returns:
         ``(o, a)``: ``o`` of shape ``(*batch, n, e)`` (the batch of q, k, v and the mask) and
@@ -190,6 +192,7 @@ def attn(
         shapes,
         bias,
         dropout_p,
+        dropout.draw_seed() if dropout_p > 0.0 else None,
     )
     return dispatch.select(inputs, backend)(inputs)
 

@@ -23,8 +23,8 @@ NAMESPACE = "tanh_attention"
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(
     "attn_composite(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
-    "float scale=1.0, str causal='none', Tensor? bias=None, float dropout_p=0.0) "
-    "-> (Tensor, Tensor)"
+    "float scale=1.0, str causal='none', Tensor? bias=None, float dropout_p=0.0, "
+    "Tensor? dropout_seed=None) -> (Tensor, Tensor)"
 )
 
 
@@ -37,6 +37,7 @@ def attn_composite(
     causal: str = "none",
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
+    dropout_seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The composite tanh attention: ``a = M * tanh(scale * q @ k^T + bias)``, ``o = a @ v``.
 
@@ -45,7 +46,9 @@ def attn_composite(
         attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
         scale: score multiplier.  causal: ``"none"``, ``"top_left"`` or ``"bottom_right"``.
         bias: optional float tensor added to the scores before tanh, shaped like the mask.
-        dropout_p: dropout on the weights (unbiased; torch's generator).
+        dropout_p: dropout on the weights (unbiased).
+        dropout_seed: the dropout mask's seed (``dropout.py``); None: drawn from torch's
+            generator.
 
     Returns:
         ``(o, a)``: ``(*batch, n, e)`` and ``(*weights_batch, n, m)`` (the batch of q, k, the
@@ -61,7 +64,15 @@ def attn_composite(
         q, k, v, attn_mask, scale=scale, causal=causal, bias=bias, dropout_p=dropout_p
     )
     return formulas.forward(
-        q, k, v, attn_mask, scale=scale, causal=causal, bias=bias, dropout_p=dropout_p
+        q,
+        k,
+        v,
+        attn_mask,
+        scale=scale,
+        causal=causal,
+        bias=bias,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     )
 
 

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import dropout
+
 __all__ = [
     "causal_diagonal",
     "forward",
@@ -110,6 +112,7 @@ def forward(
     causal: str = "none",
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
+    dropout_seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Forward: ``a = M * tanh(scale * q @ k^T + bias)``, ``o = dropout(a) @ v``.
 
@@ -124,7 +127,10 @@ def forward(
         bias: optional ``(..., n, m)``-broadcastable float tensor added to the scores before
             tanh (its masked entries do not matter: they are replaced by 0).
         dropout_p: each weight is dropped with this probability and the others scaled by
-            ``1 / (1 - dropout_p)`` (torch's generator, so ``torch.manual_seed`` fixes it).
+            ``1 / (1 - dropout_p)``: the mask of ``dropout.py``, from ``dropout_seed`` (None:
+            one drawn from torch's generator, so ``torch.manual_seed`` fixes it).
+        dropout_seed: the mask's seed, an int64 tensor (the same as the kernels': the same
+            seed drops the same weights on every path).
 
     Returns:
         ``(o, a)`` with shapes ``(*batch, n, e)`` and ``(*weights_batch, n, m)``; ``a`` after
@@ -138,7 +144,9 @@ def forward(
         x = x + bias
     a = keep(x, causal=causal, attn_mask=attn_mask).tanh()
     if dropout_p > 0.0:
-        a = torch.nn.functional.dropout(a, dropout_p)
+        seed = dropout.draw_seed() if dropout_seed is None else dropout_seed
+        kept = dropout.keep_mask(dropout_p, seed, a.shape, a.device)
+        a = a * (kept.to(a.dtype) * dropout.Dropout(dropout_p, seed).scale)
     return torch.matmul(a, v), a
 
 

@@ -3,9 +3,10 @@
 An op pair is a forward op and its backward op, both ``torch.library.custom_op``\\ s, with
 fake kernels, vmap rules, autocast and autograd formulas:
 
-    forward op   name(q, k, v, attn_mask=None, scale=1.0, causal="none") -> (o, a)  or  o
-    backward op  name_backward(grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs)
-                 -> (g_q, g_k, g_v)
+    forward op   name(q, k, v, attn_mask=None, scale=1.0, causal="none", dropout_p=0.0,
+                      dropout_seed=None) -> (o, a)  or  o
+    backward op  name_backward(grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs,
+                               dropout_p=0.0, dropout_seed=None) -> (g_q, g_k, g_v)
 
 The forward op's autograd formula calls the backward op (the hand-derived VJP); the backward
 op's own autograd formula is ``formulas.vjp_of_vjp``, plain torch code, so double backward and
@@ -14,6 +15,12 @@ A pair "with weights" returns ``(o, a)`` and saves ``a``; a pair without returns
 saves nothing of size ``n x m``, and its backward recomputes each block of ``a`` (plain
 eager calls run the same kernels without the op's dispatch, see :class:`_Eager`). The op
 bodies are :class:`Kernels` (pure functions, ``kernels/``) registered per device type.
+
+Dropout (``dropout_p > 0``) needs ``dropout_seed`` (``dropout.draw_seed()``): the backward
+makes each block's mask again from it (``dropout.py``), so the o-only pair stores no mask.
+Its first derivatives come from the kernels; higher orders and forward AD through dropout
+are refused with a clear error (the composite op, which the dispatcher picks for them,
+has them).
 
 Two uses follow: ``torch.ops.tanh_attention.attn`` (with weights) and
 ``torch.ops.tanh_attention.attn_lean`` (o only), both on the blocked CPU kernels.
@@ -38,6 +45,7 @@ from torch import Tensor
 from . import _torch_private, formulas
 from ._checks import validate_attn_inputs
 from .composite import NAMESPACE
+from .dropout import Dropout
 from .function import AttnFunction
 from .kernels import blockwise
 
@@ -53,11 +61,13 @@ class Kernels:
         backward: ``(grad_o, grad_a, q, k, v, a or None, attn_mask, scale, causal, needs)
             -> (g_q, g_k, g_v)``, each None where not needed; ``a`` None: recompute it.
         jvp: ``(t_q, t_k, t_v, q, k, v, attn_mask, scale, causal) -> t_o``.
+        dropout: whether forward and backward take ``dropout=`` (a ``dropout.Dropout``).
     """
 
     forward: Callable[..., tuple[Tensor, Tensor | None]]
     backward: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]
     jvp: Callable[..., Tensor]
+    dropout: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,33 +88,63 @@ class OpPair:
         attn_mask: Tensor | None,
         scale: float,
         causal: str,
+        dropout_p: float = 0.0,
+        dropout_seed: Tensor | None = None,
     ) -> Any:
         """The forward op on validated inputs: in plain eager mode straight to the kernels
         (see :class:`_Eager`), else through the registered op."""
+        args = (q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed)
         kernels = self.kernels.get(q.device.type)
         if kernels is None or not _plain_eager((q, k, v, attn_mask)):
-            return self.forward(q, k, v, attn_mask, scale, causal)
+            return self.forward(*args)
         # Whether a backward may follow (Function.forward itself runs with grad off).
         backward = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
         )
-        return _Eager.apply(self, kernels, backward, q, k, v, attn_mask, scale, causal)
+        return _Eager.apply(self, kernels, backward, *args)
 
 
 _FORWARD_ARGS = (
-    "Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float scale=1.0, str causal='none'"
+    "Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float scale=1.0, str causal='none', "
+    "float dropout_p=0.0, Tensor? dropout_seed=None"
 )
 _BACKWARD_SCHEMA = (
     "(Tensor? grad_o, Tensor? grad_a, Tensor q, Tensor k, Tensor v, Tensor? a, "
-    "Tensor? attn_mask, float scale, str causal, bool[] needs) -> (Tensor, Tensor, Tensor)"
+    "Tensor? attn_mask, float scale, str causal, bool[] needs, float dropout_p=0.0, "
+    "Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)"
 )
 _BACKWARD_TENSORS = 7  # grad_o, grad_a, q, k, v, a, attn_mask
+_FORWARD_INPUTS = 8  # q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed
+_BACKWARD_INPUTS = 12  # grad_o, ..., needs, dropout_p, dropout_seed
 
 
 def _forward_extras(rest: Sequence[Any]) -> tuple[Any, ...]:
-    """``(attn_mask, scale, causal)`` from the arguments after q, k, v, defaults filled in."""
-    defaults = (None, 1.0, "none")
+    """``(attn_mask, scale, causal, dropout_p, dropout_seed)`` from the arguments after q, k,
+    v, defaults filled in."""
+    defaults = (None, 1.0, "none", 0.0, None)
     return (*rest, *defaults[len(rest) :])
+
+
+def _backward_extras(args: Sequence[Any]) -> tuple[Any, ...]:
+    """A backward op's arguments, ``dropout_p`` and ``dropout_seed`` filled in."""
+    return (*args, *(0.0, None)[len(args) - 10 :])
+
+
+def _dropout(dropout_p: float, dropout_seed: Tensor | None) -> Dropout | None:
+    """The kernels' dropout argument (None without dropout)."""
+    if dropout_p == 0.0:
+        return None
+    assert dropout_seed is not None  # _validate checked it
+    return Dropout(dropout_p, dropout_seed)
+
+
+def _no_dropout_here(what: str, dropout_p: float) -> None:
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"tanh_attention: {what} through dropout is not supported by the explicit ops "
+            f"(dropout_p={dropout_p}). tanh_attention.attn(...) runs such calls on the "
+            "composite backend, which has it; or pass dropout_p=0."
+        )
 
 
 def _placeholders(
@@ -128,21 +168,37 @@ def _placeholders(
 
 
 # The op bodies receive every argument of their schema, positionally: forward
-# (q, k, v, attn_mask, scale, causal); backward (grad_o, grad_a, q, k, v, a, attn_mask, scale,
-# causal, needs).
+# (q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed); backward (grad_o, grad_a, q,
+# k, v, a, attn_mask, scale, causal, needs, dropout_p, dropout_seed).
 
 
 def _validate(args: Sequence[Any]) -> Any:
     q, k, v, *rest = args
-    attn_mask, scale, causal = _forward_extras(rest)
-    return validate_attn_inputs(q, k, v, attn_mask, scale=scale, causal=causal)
+    attn_mask, scale, causal, dropout_p, dropout_seed = _forward_extras(rest)
+    shapes = validate_attn_inputs(
+        q, k, v, attn_mask, scale=scale, causal=causal, dropout_p=dropout_p
+    )
+    if dropout_p != 0.0 and dropout_seed is None:
+        raise ValueError(
+            f"tanh_attention: dropout_p={dropout_p} needs a 'dropout_seed' (an int64 tensor, "
+            "e.g. tanh_attention.dropout.draw_seed()), from which the backward makes the "
+            "same mask again."
+        )
+    if dropout_seed is not None and (
+        dropout_seed.numel() != 1 or dropout_seed.dtype not in (torch.int64, torch.int32)
+    ):
+        raise TypeError(
+            "tanh_attention: 'dropout_seed' must be a one-element int64 tensor, but got "
+            f"shape {tuple(dropout_seed.shape)} and dtype {dropout_seed.dtype}."
+        )
+    return shapes
 
 
 def _validate_backward(args: Sequence[Any]) -> None:
     """The backward op's arguments: the forward's, and output gradients of the outputs'
     shapes (a caller of the raw op may pass anything)."""
-    grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs = args
-    s = _validate((q, k, v, attn_mask, scale, causal))
+    grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs, p, seed = _backward_extras(args)
+    s = _validate((q, k, v, attn_mask, scale, causal, p, seed))
     expected = {
         "grad_o": (*s.batch, s.n, s.e),
         "grad_a": (*s.weights_batch, s.n, s.m),
@@ -160,19 +216,35 @@ def _validate_backward(args: Sequence[Any]) -> None:
         raise ValueError(f"attn_backward(): 'needs' must have 3 entries, but got {len(needs)}.")
 
 
-def _forward_body(kernels: Kernels, weights: bool) -> Callable[..., Any]:
+def _kernel_dropout(kernels: Kernels, name: str, dropout_p: float, seed: Any) -> dict[str, Any]:
+    """The kernels' keyword for the call's dropout: none without it."""
+    if dropout_p == 0.0:
+        return {}
+    if not kernels.dropout:
+        raise NotImplementedError(
+            f"torch.ops.{NAMESPACE}.{name} does not do dropout (dropout_p={dropout_p}); "
+            "tanh_attention.attn(...) picks a backend that does."
+        )
+    return {"dropout": _dropout(dropout_p, seed)}
+
+
+def _forward_body(kernels: Kernels, name: str, weights: bool) -> Callable[..., Any]:
     def body(*args: Any) -> Any:
         _validate(args)
-        o, a = kernels.forward(*args[:3], *_forward_extras(args[3:]), need_weights=weights)
+        *extras, dropout_p, seed = _forward_extras(args[3:])
+        drop = _kernel_dropout(kernels, name, dropout_p, seed)
+        o, a = kernels.forward(*args[:3], *extras, need_weights=weights, **drop)
         return (o, a) if weights else o
 
     return body
 
 
-def _backward_body(kernels: Kernels) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+def _backward_body(kernels: Kernels, name: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     def body(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
         _validate_backward(args)
-        return _placeholders(kernels.backward(*args), args[2:5], args[-1])
+        *rest, dropout_p, seed = _backward_extras(args)
+        drop = _kernel_dropout(kernels, name, dropout_p, seed)
+        return _placeholders(kernels.backward(*rest, **drop), args[2:5], args[9])
 
     return body
 
@@ -204,7 +276,7 @@ def _backward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     _validate_backward(args)
     g_q, g_k, g_v = (
         x.new_empty(x.shape) if need else x.new_empty(0)  # contiguous, as the kernel's
-        for x, need in zip(args[2:5], args[-1], strict=True)
+        for x, need in zip(args[2:5], args[9], strict=True)
     )
     return g_q, g_k, g_v
 
@@ -215,8 +287,17 @@ def _forward_formulas(weights: bool) -> Callable[..., Any]:
     def forward(*args: Any) -> Any:
         _validate(args)
         q, k, v, *rest = args
-        attn_mask, scale, causal = _forward_extras(rest)
-        o, a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+        attn_mask, scale, causal, dropout_p, seed = _forward_extras(rest)
+        o, a = formulas.forward(
+            q,
+            k,
+            v,
+            attn_mask,
+            scale=scale,
+            causal=causal,
+            dropout_p=dropout_p,
+            dropout_seed=seed,
+        )
         return (o, a) if weights else o
 
     return forward
@@ -224,7 +305,8 @@ def _forward_formulas(weights: bool) -> Callable[..., Any]:
 
 def _backward_formulas(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     """The backward op as plain differentiable torch code (``formulas.vjp``)."""
-    grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs = args
+    grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs, p, _ = _backward_extras(args)
+    _no_dropout_here("torch.func or forward AD over the backward", p)
     if a is None:
         a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
     grads = formulas.vjp(
@@ -251,29 +333,32 @@ def _forward_autograd(pair: OpPair) -> None:
     weights = pair.weights
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        q, k, v, attn_mask, scale, causal = inputs
+        q, k, v, *rest = inputs
+        attn_mask, scale, causal, dropout_p, seed = _forward_extras(rest)
         # The weights pair saves a, never x: the derivative needs only 1 - a^2.
-        ctx.save_for_backward(q, k, v, attn_mask, output[1] if weights else None)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.save_for_backward(q, k, v, attn_mask, output[1] if weights else None, seed)
+        ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None, not zeros
 
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Any, ...]:
         grad_o, grad_a = grads if weights else (grads[0], None)
         needs = _needs(ctx.needs_input_grad, grad_o, grad_a)
         if not any(needs):
-            return (None,) * 6
-        q, k, v, attn_mask, a = ctx.saved_tensors
-        out = pair.backward(grad_o, grad_a, q, k, v, a, attn_mask, ctx.scale, ctx.causal, needs)
+            return (None,) * _FORWARD_INPUTS
+        q, k, v, attn_mask, a, seed = ctx.saved_tensors
+        out = pair.backward(
+            grad_o, grad_a, q, k, v, a, attn_mask, ctx.scale, ctx.causal, needs, ctx.dropout_p, seed
+        )
         g_q, g_k, g_v = (g if need else None for g, need in zip(out, needs, strict=True))
-        return g_q, g_k, g_v, None, None, None
+        return g_q, g_k, g_v, *(None,) * (_FORWARD_INPUTS - 3)
 
     pair.forward.register_autograd(backward, setup_context=setup_context)
 
 
 def _backward_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs = inputs
+    grad_o, grad_a, q, k, v, a, attn_mask, scale, causal, needs, p, _ = _backward_extras(inputs)
     ctx.save_for_backward(grad_o, grad_a, q, k, v, a, attn_mask)
-    ctx.scale, ctx.causal, ctx.needs = scale, causal, list(needs)
+    ctx.scale, ctx.causal, ctx.needs, ctx.dropout_p = scale, causal, list(needs), p
     ctx.set_materialize_grads(False)
 
 
@@ -286,6 +371,7 @@ def _backward_backward(
     op's output, whose own backward carries it on). Without (``a`` None), ``a`` is recomputed
     here (n x m) and ``d_a`` is carried to q and k by ``formulas.vjp`` with ``grad_a = d_a``.
     """
+    _no_dropout_here("double backward", ctx.dropout_p)
     grad_o, grad_a, q, k, v, a, attn_mask = ctx.saved_tensors
     scale, causal = ctx.scale, ctx.causal
     # A placeholder output's cotangent carries nothing.
@@ -306,7 +392,7 @@ def _backward_backward(
         d_q = via_q if d_q is None else d_q + via_q
         d_k = via_k if d_k is None else d_k + via_k
         d_a = None
-    return d_g_o, d_g_a, d_q, d_k, d_v, d_a, None, None, None, None
+    return d_g_o, d_g_a, d_q, d_k, d_v, d_a, *(None,) * (_BACKWARD_INPUTS - 6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,13 +448,17 @@ class _Eager(torch.autograd.Function):
         attn_mask: Tensor | None,
         scale: float,
         causal: str,
+        dropout_p: float,
+        dropout_seed: Tensor | None,
     ) -> Any:
         n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
         short = n * m <= n * d + m * (d + e)
         keep = pair.weights or (short and backward)
-        o, a = kernels.forward(q, k, v, attn_mask, scale, causal, need_weights=keep)
-        ctx.save_for_backward(q, k, v, attn_mask, a)
+        drop = _kernel_dropout(kernels, pair.forward._name, dropout_p, dropout_seed)
+        o, a = kernels.forward(q, k, v, attn_mask, scale, causal, need_weights=keep, **drop)
+        ctx.save_for_backward(q, k, v, attn_mask, a, dropout_seed)
         ctx.pair, ctx.kernels, ctx.scale, ctx.causal = pair, kernels, scale, causal
+        ctx.dropout_p = dropout_p
         ctx.set_materialize_grads(False)
         return (o, a) if pair.weights else o
 
@@ -377,8 +467,8 @@ class _Eager(torch.autograd.Function):
         grad_o, grad_a = grads if ctx.pair.weights else (grads[0], None)
         needs = _needs(ctx.needs_input_grad[3:6], grad_o, grad_a)
         if not any(needs):
-            return (None,) * 9
-        q, k, v, attn_mask, a = ctx.saved_tensors
+            return (None,) * (3 + _FORWARD_INPUTS)
+        q, k, v, attn_mask, a, seed = ctx.saved_tensors
         args = (grad_o, grad_a, q, k, v, a, attn_mask, ctx.scale, ctx.causal, needs)
         if torch.is_grad_enabled() or not _plain_eager((grad_o, grad_a)):
             # create_graph (the differentiable backward op), or the backward itself
@@ -387,11 +477,12 @@ class _Eager(torch.autograd.Function):
                 # A kept a is no output here, so no gradient could reach q and k through it:
                 # the backward op recomputes it, differentiably.
                 args = (*args[:5], None, *args[6:])
-            out = ctx.pair.backward(*args)
+            out = ctx.pair.backward(*args, ctx.dropout_p, seed)
             g_q, g_k, g_v = (g if need else None for g, need in zip(out, needs, strict=True))
         else:
-            g_q, g_k, g_v = ctx.kernels.backward(*args)
-        return None, None, None, g_q, g_k, g_v, None, None, None
+            drop = _kernel_dropout(ctx.kernels, ctx.pair.forward._name, ctx.dropout_p, seed)
+            g_q, g_k, g_v = ctx.kernels.backward(*args, **drop)
+        return None, None, None, g_q, g_k, g_v, *(None,) * (_FORWARD_INPUTS - 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,20 +518,24 @@ def _forward_vmap_rule(pair: OpPair) -> Callable[..., Any]:
     def rule(
         info: Any, in_dims: Sequence[int | None], q: Tensor, k: Tensor, v: Tensor, *rest: Any
     ) -> Any:
-        attn_mask, scale, causal = _forward_extras(rest)
+        attn_mask, scale, causal, dropout_p, seed = _forward_extras(rest)
         dims = (*in_dims, None)[:4]  # in_dims covers only the arguments actually passed
         q_, k_, v_, m_ = _to_batched(info.batch_size, (q, k, v, attn_mask), dims)
-        return pair.forward(q_, k_, v_, m_, scale, causal), out_dims
+        # With dropout, each sample's mask is keyed by its place in the batched call: the
+        # samples get different masks (vmap's randomness="different").
+        return pair.forward(q_, k_, v_, m_, scale, causal, dropout_p, seed), out_dims
 
     return rule
 
 
 def _backward_vmap_rule(pair: OpPair) -> Callable[..., Any]:
     def rule(info: Any, in_dims: Sequence[int | None], *args: Any) -> Any:
-        *tensors, scale, causal, needs = args
+        args = _backward_extras(args)
+        tensors, (scale, causal, needs, dropout_p, seed) = args[:7], args[7:]
         size = info.batch_size
         dims = in_dims[:_BACKWARD_TENSORS]
-        grads = pair.backward(*_to_batched(size, tensors, dims), scale, causal, needs)
+        batched = _to_batched(size, tensors, dims)
+        grads = pair.backward(*batched, scale, causal, needs, dropout_p, seed)
         # Each gradient comes back shaped like its padded input: drop the padding.
         # Placeholders (gradients not asked for) are not batched.
         out = tuple(
@@ -476,12 +571,13 @@ def _forward_autograd_kernel(pair: OpPair, kernels_jvp: Callable[..., Tensor]) -
         # First, so that a nested or sparse tensor (which has no kernel) is refused by name.
         _validate(args)
         q, k, v = args[:3]
-        attn_mask, scale, causal = _forward_extras(args[3:])
+        attn_mask, scale, causal, dropout_p, seed = _forward_extras(args[3:])
         if _torch_private.under_functorch_grad():
-            return forward_formulas(q, k, v, attn_mask, scale, causal)
+            return forward_formulas(q, k, v, attn_mask, scale, causal, dropout_p, seed)
         tangent = _torch_private.tangents((q, k, v))
         if tangent is None:
             return generated(keyset, *args)
+        _no_dropout_here("forward AD", dropout_p)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             o, a = AttnFunction.apply(q, k, v, attn_mask, scale, causal)
             return (o, a) if weights else o
@@ -553,8 +649,8 @@ def declare_op_pair(name: str, *, weights: bool, kernels: Mapping[str, Kernels])
         schema=_BACKWARD_SCHEMA,
     )
     for device_type, body in kernels.items():
-        forward.register_kernel(device_type, _forward_body(body, weights))
-        backward.register_kernel(device_type, _backward_body(body))
+        forward.register_kernel(device_type, _forward_body(body, name, weights))
+        backward.register_kernel(device_type, _backward_body(body, f"{name}_backward"))
     forward.register_fake(_forward_fake(weights))
     backward.register_fake(_backward_fake)
     pair = OpPair(forward, backward, weights, dict(kernels))
@@ -577,7 +673,7 @@ def declare_op_pair(name: str, *, weights: bool, kernels: Mapping[str, Kernels])
 
 # The blocked kernels are torch code: they run on any device, fastest on CPU (oneDNN's fused
 # tanh); on CUDA the triton backend is the fast one, this is the always-correct fallback.
-BLOCKED = Kernels(blockwise.forward, blockwise.backward, blockwise.jvp)
+BLOCKED = Kernels(blockwise.forward, blockwise.backward, blockwise.jvp, dropout=True)
 
 attn = declare_op_pair("attn", weights=True, kernels={"cpu": BLOCKED, "cuda": BLOCKED})
 """``torch.ops.tanh_attention.attn(q, k, v, attn_mask=None, scale=1.0, causal="none") -> (o, a)``:

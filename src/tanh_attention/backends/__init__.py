@@ -37,6 +37,8 @@ class Inputs:
         shapes: the call's sizes (``_checks.Shapes``).
         bias: None or a float tensor added to the scores before tanh.
         dropout_p: dropout probability on the weights.
+        dropout_seed: with dropout, the seed of its mask (``dropout.py``), drawn once per
+            call, so every backend drops the same weights for the same ``torch.manual_seed``.
     """
 
     q: Tensor
@@ -49,6 +51,7 @@ class Inputs:
     shapes: Shapes
     bias: Tensor | None = None
     dropout_p: float = 0.0
+    dropout_seed: Tensor | None = None
 
     @property
     def device_type(self) -> str:

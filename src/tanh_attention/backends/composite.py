@@ -22,7 +22,7 @@ class CompositeBackend(Backend):
     )
     device_types: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
     supports_bias = True
-    supports_dropout = True  # stores the n x m dropout mask for backward
+    supports_dropout = True  # autograd keeps the n x m dropout factors for backward
 
     def __call__(self, inputs: Inputs) -> tuple[Tensor, Tensor | None]:
         o, a = torch.ops.tanh_attention.attn_composite(
@@ -34,5 +34,6 @@ class CompositeBackend(Backend):
             inputs.causal,
             inputs.bias,
             inputs.dropout_p,
+            inputs.dropout_seed,
         )
         return o, (a if inputs.need_weights else None)

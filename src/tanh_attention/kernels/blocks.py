@@ -84,10 +84,14 @@ def forward_block_(
     *,
     causal_diagonal: int | None = None,
     attn_mask: Tensor | None = None,
+    dropout: Tensor | None = None,
+    dropout_scale: float = 1.0,
 ) -> Tensor:
     """One block of ``formulas.forward``, given ``tanh(x)`` of the block in ``a``::
 
-        a = M * a        (in place)        o += a @ v
+        a = M * a  (* K)      (in place)        o += s * a @ v
+
+    where dropout keeps the weights ``K`` and scales them by ``s`` (``D = s * K``).
 
     Args:
         o: ``(G, rows, e)`` accumulator for the block's rows of ``o``.
@@ -95,12 +99,16 @@ def forward_block_(
             return.
         v: ``(G, cols, e)``, the block's rows of ``v``.
         causal_diagonal, attn_mask: the block's keep-mask.
+        dropout: None, or the block ``K`` of the weights dropout keeps (1/0, a's dtype).
+        dropout_scale: ``s = 1 / (1 - p)``, the factor of the kept weights.
 
     Returns:
-        ``a``, masked.
+        ``a``, masked (and dropped, not yet scaled by ``s``).
     """
     keep_block_(a, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
-    add_product_(o, a, v)
+    if dropout is not None:
+        a.mul_(dropout)
+    add_product_(o, a, v, dropout_scale)
     return a
 
 
@@ -120,12 +128,18 @@ def vjp_block_(
     attn_mask: Tensor | None = None,
     matmul_t: MatmulT = _matmul_t,
     transposed: bool = False,
+    dropout: Tensor | None = None,
+    dropout_scale: float = 1.0,
 ) -> None:
     """One block of ``formulas.vjp``, accumulated into the gradient buffers::
 
         G    = g_o @ v^T + g_a                  (one new block buffer)
         g_x  = M * G * (1 - a^2)                (in place in G)
         g_q += scale * g_x @ k     g_k += scale * g_x^T @ q     g_v += a^T @ g_o
+
+    With dropout factors ``D = s * K`` (the forward used ``a * D``, and ``g_a`` is the gradient
+    of that): ``G *= K`` before ``g_x``, whose products take ``s * scale``, and
+    ``g_v += s * (a * K)^T @ g_o``.
 
     or, with ``transposed``, the same on the transposed block (``G^T = v @ g_o^T + g_a^T``,
     then ``g_q += scale * (g_x^T)^T @ k``, ``g_k += scale * g_x^T @ q``, ``g_v += a^T @ g_o``):
@@ -143,24 +157,32 @@ def vjp_block_(
         scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
         matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
         transposed: ``a``, ``g_a`` and the block buffer are held transposed.
+        dropout: None, or the block ``K`` of the weights dropout keeps (1/0, a's dtype),
+            held as ``a`` is; ``a`` is then the block before dropout.
+        dropout_scale: ``s``, the factor of the kept weights.
     """
-    # a_rc, g_rc: views of the blocks as (rows, cols), however they are held.
+    # a_rc, g_rc, dropout_rc: views of the blocks as (rows, cols), however they are held.
     a_rc = a.mT if transposed else a
+    dropout_rc = None if dropout is None else dropout.mT if transposed else dropout
     if (g_q is not None or g_k is not None) and (g_o is not None or g_a is not None):
         if g_o is None:
             assert g_a is not None
-            g = torch.ops.aten.tanh_backward(g_a, a)
+            g = g_a if dropout is None else g_a * dropout
+            g = torch.ops.aten.tanh_backward(g, a)
         else:
             g = matmul_t(v, g_o, g_a) if transposed else matmul_t(g_o, v, g_a)
+            if dropout is not None:
+                g.mul_(dropout)
             torch.ops.aten.tanh_backward.grad_input(g, a, grad_input=g)
         keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
         g_rc = g.mT if transposed else g
         if g_q is not None:
-            add_product_(g_q, g_rc, k, scale)
+            add_product_(g_q, g_rc, k, scale * dropout_scale)
         if g_k is not None:
-            add_product_(g_k, g_rc.mT, q, scale)
+            add_product_(g_k, g_rc.mT, q, scale * dropout_scale)
     if g_v is not None and g_o is not None:
-        add_product_(g_v, a_rc.mT, g_o)
+        dropped = a_rc if dropout_rc is None else a_rc * dropout_rc
+        add_product_(g_v, dropped.mT, g_o, dropout_scale)
 
 
 def jvp_block_(

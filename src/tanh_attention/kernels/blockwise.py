@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .._checks import call_shapes
+from ..dropout import Dropout
 from ..formulas import causal_diagonal, scaled
 from . import memory
 from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
@@ -171,6 +172,31 @@ class _Problem:
             if entries < _SMALL_SHARED or not shared:
                 self.group = max(1, (BLOCK_ROWS * BLOCK_COLS) // entries)
         self.empty = self.size * entries == 0
+        self._dropout_keys: tuple[Tensor, Tensor] | None = None
+
+    def dropout_block(
+        self, dropout: Dropout | None, tile: _Tile, *, transposed: bool = False
+    ) -> Tensor | None:
+        """Which weights of ``tile``'s block dropout keeps (1/0 in the blocks' dtype, held as
+        the block is), or None without dropout. The mask is keyed by each problem's index in
+        ``a``'s batch, so problems that differ only along v's own batch dims share it, as
+        they share ``a``. The row and column keys are made once per call (linear in n, m)."""
+        if dropout is None:
+            return None
+        if self._dropout_keys is None:
+            weights: Tensor | range = range(self.size)
+            if self.weights_batch != self.batch:
+                own = (1,) * (len(self.batch) - len(self.weights_batch)) + self.weights_batch
+                index = torch.arange(math.prod(self.weights_batch)).reshape(own)
+                weights = index.expand(self.batch).reshape(-1)
+            self._dropout_keys = (
+                dropout.row_keys(weights, range(self.n), self.device),
+                dropout.col_keys(range(self.m), self.device),
+            )
+        rows, cols = self._dropout_keys
+        return dropout.keep_block(
+            rows[tile.batch, tile.rows], cols[tile.cols], transposed=transposed, dtype=self.blocks
+        )
 
     def flat(
         self, t: Tensor | None, rows: int, cols: int, compute: bool = True
@@ -307,6 +333,7 @@ def forward(
     causal: str = "none",
     *,
     need_weights: bool = True,
+    dropout: Dropout | None = None,
     block_rows: int | None = None,
     block_cols: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
@@ -317,6 +344,8 @@ def forward(
         attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
         scale: multiplies the scores.  causal: ``"none"``, ``"top_left"``, ``"bottom_right"``.
         need_weights: also return ``a``; with False nothing of size ``n x m`` is allocated.
+        dropout: None, or the call's dropout: each block's mask is made from its seed (and
+            made again by :func:`backward`), never stored; ``a`` is returned after dropout.
         block_rows, block_cols: block size (default ``BLOCK_ROWS`` x ``BLOCK_COLS``).
 
     Returns:
@@ -348,6 +377,7 @@ def forward(
         and not p.native  # oneDNN's bf16 kernels with the fused tanh are faster still
     )
     native = decode or p.native
+    drop_scale = 1.0 if dropout is None else dropout.scale
     if not p.empty:
         q3, k3, v3 = (
             p.flat(x, rows, cols, compute=not native)
@@ -361,8 +391,12 @@ def forward(
                 x = torch.matmul(q3[t.batch, t.rows], k3[t.batch, t.cols].mT)
                 block = scaled(x.float(), scale).tanh_()
                 keep_block_(block, causal_diagonal=t.causal_diagonal, attn_mask=p.mask_block(t))
+                drop = p.dropout_block(dropout, t)
+                if drop is not None:
+                    block.mul_(drop)
                 v_block = v3[t.batch, t.cols]
-                o3[t.batch, t.rows] += torch.matmul(block.to(v_block.dtype), v_block)
+                product = torch.matmul(block.to(v_block.dtype), v_block)
+                o3[t.batch, t.rows].add_(product, alpha=drop_scale)
             else:
                 block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale)
                 forward_block_(
@@ -371,9 +405,13 @@ def forward(
                     v3[t.batch, t.cols],
                     causal_diagonal=t.causal_diagonal,
                     attn_mask=p.mask_block(t),
+                    dropout=p.dropout_block(dropout, t),
+                    dropout_scale=drop_scale,
                 )
             if a3 is not None:
                 a3[t.batch, t.rows, t.cols].copy_(block)
+                if drop_scale != 1.0:
+                    a3[t.batch, t.rows, t.cols].mul_(drop_scale)
         if a3 is not None and p.skip:
             for i0 in range(0, p.n, p.rows):  # the blocks causal skipped are zeros
                 i1 = min(p.n, i0 + p.rows)
@@ -397,6 +435,7 @@ def backward(
     causal: str = "none",
     needs: Sequence[bool] = (True, True, True),
     *,
+    dropout: Dropout | None = None,
     block_rows: int | None = None,
     block_cols: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -409,6 +448,8 @@ def backward(
         a: the forward's ``(*weights_batch, n, m)`` weights, or None to recompute each block
             of it (then no tensor of size ``n x m`` is allocated).
         needs: which of (q, k, v) want a gradient.
+        dropout: the forward's dropout (its masks are made again from the seed); a saved
+            ``a`` is then the forward's, after dropout.
         block_rows, block_cols: block size.
 
     Returns:
@@ -452,13 +493,19 @@ def backward(
         g_k3 = None if g_k is None else g_k.view(p.size, p.m, p.d)
         g_v3 = None if g_v is None else g_v.view(p.size, p.m, p.e)
         prescale = a3 is not None or p.prescale(q, k)
+        drop_scale = 1.0 if dropout is None else dropout.scale
         for t in p.tiles():
             mask = p.mask_block(t)
+            drop = p.dropout_block(dropout, t, transposed=transposed)
             if a3 is None:
                 a_block = scores_tanh(k3[t.batch, t.cols], q3[t.batch, t.rows], scale, prescale)
                 keep_block_(
                     a_block, causal_diagonal=t.causal_diagonal, attn_mask=mask, transposed=True
                 )
+            elif dropout is not None:
+                # The saved a is after dropout: (1 - p) * a is the block before it where kept;
+                # where dropped it is 0, and D = 0 there stops every term.
+                a_block = (a3[t.batch, t.rows, t.cols] * (1.0 - dropout.p)).to(p.blocks)
             else:
                 a_block = a3[t.batch, t.rows, t.cols].to(p.blocks)
             vjp_block_(
@@ -476,6 +523,8 @@ def backward(
                 attn_mask=mask,
                 matmul_t=matmul_t,
                 transposed=transposed,
+                dropout=drop,
+                dropout_scale=drop_scale,
             )
     return (
         None if g_q is None else p.reduce(g_q, q),
