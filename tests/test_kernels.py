@@ -635,9 +635,19 @@ def test_low_precision(dtype: torch.dtype, tol: float, need_weights: bool) -> No
         )
 
 
+@pytest.fixture(params=["onednn", "torch"])
+def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each block method, whichever the timing probe would pick on this machine (both must
+    be right wherever they run; the probe only picks the faster)."""
+    faster = request.param == "onednn"
+    monkeypatch.setattr(cpu_kernels, "_onednn_speed", lambda dtype: (faster, "forced by a test"))
+    monkeypatch.setattr(cpu_kernels, "_grouped_speed", lambda dtype: faster)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("prescale", [True, False], ids=["prescale", "scale_after"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
-def test_scores_tanh(dtype: torch.dtype, prescale: bool) -> None:
+def test_scores_tanh(dtype: torch.dtype, prescale: bool, method: str) -> None:
     q, k = torch.randn(2, 33, 7, dtype=dtype), torch.randn(1, 65, 7, dtype=dtype)
     want = torch.tanh(0.3 * q.double() @ k.double().mT)
     torch.testing.assert_close(cpu_kernels.scores_tanh(q, k, 0.3, prescale), want.to(dtype))
@@ -654,7 +664,7 @@ def test_scores_tanh_scaled_after_the_product_saturates() -> None:
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
-def test_matmul_t(dtype: torch.dtype) -> None:
+def test_matmul_t(dtype: torch.dtype, method: str) -> None:
     x, y = torch.randn(1, 33, 7, dtype=dtype), torch.randn(1, 65, 7, dtype=dtype)
     add = torch.randn(1, 80, 33, dtype=dtype).mT[:, :, 3:68]  # strided, like a block of g_a
     want = x.double() @ y.double().mT
@@ -670,8 +680,28 @@ def test_tanh_method_is_inspectable() -> None:
     assert method == "torch" and "float64" in why
     method, why = cpu_kernels.tanh_method(torch.float32)
     assert method in ("onednn", "torch") and why
-    if torch.backends.mkldnn.is_available():
-        assert method == "onednn", why
+    if cpu_kernels._onednn_reason(torch.float32) is None:
+        # Accurate here: then the timing probe decided, and says so with its figures.
+        assert "us fused" in why and "us by torch" in why, why
+
+
+@pytest.mark.parametrize("value", ["onednn", "torch", "bogus"])
+def test_tanh_method_can_be_forced(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANH_ATTENTION_CPU_TANH", value)
+    cpu_kernels._onednn_speed.cache_clear()
+    try:
+        if value == "bogus":
+            with pytest.raises(ValueError, match="TANH_ATTENTION_CPU_TANH must be"):
+                cpu_kernels.tanh_method(torch.float32)
+            return
+        method, why = cpu_kernels.tanh_method(torch.float32)
+        if cpu_kernels._onednn_reason(torch.float32) is None:
+            assert method == value and "TANH_ATTENTION_CPU_TANH" in why
+        else:  # accuracy still decides: no forcing an inaccurate kernel
+            assert method == "torch"
+    finally:
+        monkeypatch.delenv("TANH_ATTENTION_CPU_TANH")
+        cpu_kernels._onednn_speed.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,7 +889,7 @@ def test_compile_inductor_and_export(tmp_path: Path) -> None:
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("mask_shape", [None, (32, 24), (4, 1, 32, 24), (4, 16, 32, 24)], ids=str)
 def test_many_small_problems_float32(
-    causal: str, mask_shape: tuple[int, ...] | None, monkeypatch: pytest.MonkeyPatch
+    causal: str, mask_shape: tuple[int, ...] | None, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     """A batch of short sequences runs as grouped blocks (one oneDNN grouped convolution per
     block where this CPU has it): forward, backward from a and recomputing, against the
@@ -887,8 +917,10 @@ def test_many_small_problems_float32(
     got = blockwise.backward(g_o, None, q, k, v, None, mask, scale, causal)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
-    if cpu_kernels._grouped_reason(torch.float32) is None:
+    if method == "onednn" and cpu_kernels._grouped_reason(torch.float32) is None:
         assert calls, "the grouped convolution was not used"
+    if method == "torch":
+        assert not calls, "the grouped convolution was used although slower"
 
 
 def test_lean_keeps_short_weights_only_for_a_backward(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,12 +45,18 @@ def _matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
 MatmulT = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
-def add_product_(acc: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
-    """In place: ``acc += alpha * x @ y``. A float32 accumulator of bfloat16 blocks takes
-    each block's product in bfloat16 (the fast kernels, accumulating in float32 inside) and
-    adds it in float32, so the sum over blocks is never rounded to bfloat16."""
+def add_product_(
+    acc: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0, *, first: bool = False
+) -> Tensor:
+    """In place: ``acc += alpha * x @ y``, or ``acc = alpha * x @ y`` with ``first`` (acc's
+    old contents, uninitialized memory included, are ignored: the caller then needs no
+    zeros). A float32 accumulator of bfloat16 blocks takes each block's product in bfloat16
+    (the fast kernels, accumulating in float32 inside) and adds it in float32, so the sum
+    over blocks is never rounded to bfloat16."""
     if acc.dtype == x.dtype:
-        return acc.baddbmm_(x, y, alpha=alpha)
+        return acc.baddbmm_(x, y, beta=0.0 if first else 1.0, alpha=alpha)
+    if first:
+        return acc.copy_(torch.bmm(x, y)).mul_(alpha)
     return acc.add_(torch.bmm(x, y), alpha=alpha)
 
 
@@ -86,6 +92,7 @@ def forward_block_(
     attn_mask: Tensor | None = None,
     dropout: Tensor | None = None,
     dropout_scale: float = 1.0,
+    first: bool = False,
 ) -> Tensor:
     """One block of ``formulas.forward``, given ``tanh(x)`` of the block in ``a``::
 
@@ -101,6 +108,7 @@ def forward_block_(
         causal_diagonal, attn_mask: the block's keep-mask.
         dropout: None, or the block ``K`` of the weights dropout keeps (1/0, a's dtype).
         dropout_scale: ``s = 1 / (1 - p)``, the factor of the kept weights.
+        first: ``o = ...`` instead of ``o += ...`` (the one block of its rows).
 
     Returns:
         ``a``, masked (and dropped, not yet scaled by ``s``).
@@ -108,7 +116,7 @@ def forward_block_(
     keep_block_(a, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
     if dropout is not None:
         a.mul_(dropout)
-    add_product_(o, a, v, dropout_scale)
+    add_product_(o, a, v, dropout_scale, first=first)
     return a
 
 
@@ -130,6 +138,8 @@ def vjp_block_(
     transposed: bool = False,
     dropout: Tensor | None = None,
     dropout_scale: float = 1.0,
+    first_rows: bool = False,
+    first_cols: bool = False,
 ) -> None:
     """One block of ``formulas.vjp``, accumulated into the gradient buffers::
 
@@ -160,6 +170,8 @@ def vjp_block_(
         dropout: None, or the block ``K`` of the weights dropout keeps (1/0, a's dtype),
             held as ``a`` is; ``a`` is then the block before dropout.
         dropout_scale: ``s``, the factor of the kept weights.
+        first_rows: write ``g_q`` instead of adding to it (the one block of its rows).
+        first_cols: write ``g_k`` and ``g_v`` instead (the one block of its columns).
     """
     # a_rc, g_rc, dropout_rc: views of the blocks as (rows, cols), however they are held.
     a_rc = a.mT if transposed else a
@@ -177,12 +189,12 @@ def vjp_block_(
         keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
         g_rc = g.mT if transposed else g
         if g_q is not None:
-            add_product_(g_q, g_rc, k, scale * dropout_scale)
+            add_product_(g_q, g_rc, k, scale * dropout_scale, first=first_rows)
         if g_k is not None:
-            add_product_(g_k, g_rc.mT, q, scale * dropout_scale)
+            add_product_(g_k, g_rc.mT, q, scale * dropout_scale, first=first_cols)
     if g_v is not None and g_o is not None:
         dropped = a_rc if dropout_rc is None else a_rc * dropout_rc
-        add_product_(g_v, dropped.mT, g_o, dropout_scale)
+        add_product_(g_v, dropped.mT, g_o, dropout_scale, first=first_cols)
 
 
 def jvp_block_(

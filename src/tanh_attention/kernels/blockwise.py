@@ -216,9 +216,26 @@ class _Problem:
             return full.reshape(self.size, rows, cols)
         return _Broadcast(full, self)
 
-    def zeros(self, rows: int, cols: int) -> Tensor:
-        """A ``(*batch, rows, cols)`` accumulator in the compute dtype."""
-        return torch.zeros(*self.batch, rows, cols, dtype=self.compute, device=self.device)
+    def zeros(self, rows: int, cols: int, *, written: bool = False) -> Tensor:
+        """A ``(*batch, rows, cols)`` accumulator in the compute dtype; ``written``: its
+        blocks write it (``first``) rather than add to it, so it is left uninitialized."""
+        make = torch.empty if written else torch.zeros
+        return make(*self.batch, rows, cols, dtype=self.compute, device=self.device)
+
+    @property
+    def whole_rows(self) -> bool:
+        """Whether each row block is one block (all the columns it visits): its products
+        then write the rows of ``o`` and ``g_q`` (``first``) instead of adding to zeros.
+        Short sequences, where zero-filling costs as much as the products."""
+        # (Every row block visits some column: causal skipping may leave none to the first.)
+        first_end = self.causal_end(min(self.n, self.rows))
+        return not self.empty and self.cols >= self.m and first_end > 0
+
+    @property
+    def whole_cols(self) -> bool:
+        """Whether each column block is one block that visits every column (one row block,
+        no causal skipping of columns): its products then write ``g_k`` and ``g_v``."""
+        return not self.empty and self.rows >= self.n and self.causal_end(self.n) == self.m
 
     def keep_skipping_if_finite(
         self, columns: Sequence[Tensor | None] = (), rows: Sequence[Tensor | None] = ()
@@ -359,13 +376,7 @@ def forward(
     """
     p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
     p.keep_skipping_if_finite(columns=[v])
-    o = p.zeros(p.n, p.e)
     where = p.weights_index()
-    a = None
-    if need_weights:
-        a = torch.empty(*p.batch, p.n, p.m, dtype=q.dtype, device=q.device)
-        if p.empty:
-            a.zero_()
     # A bfloat16 decoding step (few queries, a long cache) is bound by reading K and V:
     # converting them to float32 would read and write them again, so its products read
     # bfloat16 (accumulating in float32, as the composite's) and only the small blocks of
@@ -378,6 +389,13 @@ def forward(
     )
     native = decode or p.native
     drop_scale = 1.0 if dropout is None else dropout.scale
+    whole = not decode and p.whole_rows
+    o = p.zeros(p.n, p.e, written=whole)
+    a = None
+    if need_weights:
+        a = torch.empty(*p.batch, p.n, p.m, dtype=q.dtype, device=q.device)
+        if p.empty:
+            a.zero_()
     if not p.empty:
         q3, k3, v3 = (
             p.flat(x, rows, cols, compute=not native)
@@ -387,6 +405,7 @@ def forward(
         o3, a3 = o.view(p.size, p.n, p.e), None if a is None else a.view(p.size, p.n, p.m)
         prescale = decode or p.prescale(q, k)  # the decoding path scales after the product
         for t in p.tiles():
+            out = None
             if decode:
                 x = torch.matmul(q3[t.batch, t.rows], k3[t.batch, t.cols].mT)
                 block = scaled(x.float(), scale).tanh_()
@@ -398,7 +417,13 @@ def forward(
                 product = torch.matmul(block.to(v_block.dtype), v_block)
                 o3[t.batch, t.rows].add_(product, alpha=drop_scale)
             else:
-                block = scores_tanh(q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale)
+                # A row block's one block is computed in a's memory, where it can be.
+                if whole and a3 is not None and a3.dtype == p.blocks:
+                    out = a3[t.batch, t.rows, t.cols]
+                    out = out if out.is_contiguous() else None
+                block = scores_tanh(
+                    q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale, out=out
+                )
                 forward_block_(
                     o3[t.batch, t.rows],
                     block,
@@ -407,8 +432,12 @@ def forward(
                     attn_mask=p.mask_block(t),
                     dropout=p.dropout_block(dropout, t),
                     dropout_scale=drop_scale,
+                    first=whole,
                 )
-            if a3 is not None:
+            if a3 is not None and out is not None:
+                if drop_scale != 1.0:
+                    block.mul_(drop_scale)
+            elif a3 is not None:
                 a3[t.batch, t.rows, t.cols].copy_(block)
                 if drop_scale != 1.0:
                     a3[t.batch, t.rows, t.cols].mul_(drop_scale)
@@ -472,9 +501,9 @@ def backward(
     # that only g_q's product reads a block transposed (blocks.vjp_block_; measured by
     # benchmarks/orientation.py). With a saved a, transposing its blocks would cost a copy.
     transposed = a is None
-    g_q = p.zeros(p.n, p.d) if need_q else None
-    g_k = p.zeros(p.m, p.d) if need_k else None
-    g_v = p.zeros(p.m, p.e) if need_v else None
+    g_q = p.zeros(p.n, p.d, written=p.whole_rows) if need_q else None
+    g_k = p.zeros(p.m, p.d, written=p.whole_cols) if need_k else None
+    g_v = p.zeros(p.m, p.e, written=p.whole_cols) if need_v else None
     where = p.weights_index()
     if grad_a is not None and where is not None:
         # grad_a belongs to one copy of a along v's own batch dims: the others get none.
@@ -525,6 +554,8 @@ def backward(
                 transposed=transposed,
                 dropout=drop,
                 dropout_scale=drop_scale,
+                first_rows=p.whole_rows,
+                first_cols=p.whole_cols,
             )
     return (
         None if g_q is None else p.reduce(g_q, q),

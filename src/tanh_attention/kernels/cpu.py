@@ -18,13 +18,22 @@ would cost a Python and oneDNN call each, and ``torch.bmm`` followed by ``torch.
 the slow tanh (``benchmarks/RESULTS.md``, "Many small problems").
 
 The oneDNN paths are taken only where a probe on first use shows they run and are accurate
-for the dtype (float32, and bfloat16 where the CPU supports it); otherwise a block is computed
-with ``torch.matmul`` (and ``torch.tanh_``). :func:`tanh_method` says which one runs, and why.
+for the dtype (float32, and bfloat16 where the CPU supports it), and, for float32 and the
+grouped convolution, that they are faster here: whether oneDNN's epilogue beats
+``torch.tanh_`` depends on the CPU (on the AMD EPYC of benchmarks/RESULTS.md ``torch.tanh``
+costs more than the products; on an Intel Xeon with AVX-512 and AMX it costs 0.34 ns an
+entry and ``torch.matmul`` + ``tanh_`` is the faster), so one timing probe per process
+decides, on a block of the kernels' usual size. Otherwise a block is computed with
+``torch.matmul`` (and ``torch.tanh_``). :func:`tanh_method` says which one runs, and why;
+``TANH_ATTENTION_CPU_TANH=onednn`` or ``=torch`` skips the timing (accuracy still decides).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,6 +160,61 @@ def _grouped_reason(dtype: torch.dtype) -> str | None:
     return None
 
 
+_CHOICE_ENV = "TANH_ATTENTION_CPU_TANH"
+
+
+def _best_us(run: Callable[[], object], other: Callable[[], object]) -> tuple[float, float]:
+    """The best of 7 timings of each of two candidates, taking turns (after a warm-up), in us."""
+    best = [float("inf"), float("inf")]
+    for _ in range(2):
+        run(), other()
+    for _ in range(7):
+        for i, candidate in enumerate((run, other)):
+            start = time.perf_counter()
+            candidate()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0] * 1e6, best[1] * 1e6
+
+
+def _forced() -> str | None:
+    """The method ``TANH_ATTENTION_CPU_TANH`` forces (``onednn`` or ``torch``), or None."""
+    value = os.environ.get(_CHOICE_ENV, "auto").strip().lower()
+    if value not in ("auto", "onednn", "torch"):
+        raise ValueError(f"{_CHOICE_ENV} must be 'auto', 'onednn' or 'torch', but got {value!r}.")
+    return None if value == "auto" else value
+
+
+@functools.cache
+def _onednn_speed(dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether oneDNN's fused tanh is the faster method for ``dtype`` here, and the figures.
+    bfloat16 always takes it where it is accurate (its blocks stay bfloat16, see blockwise);
+    float32 is timed on a 256 x 512 block, d = 64."""
+    forced = _forced()
+    if forced is not None:
+        return forced == "onednn", f"{_CHOICE_ENV}={forced}"
+    if dtype != torch.float32:
+        return True, "not timed for this dtype"
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 256, 64, generator=gen), torch.randn(512, 64, generator=gen)
+    fused, plain = _best_us(lambda: _onednn(q, k, "tanh"), lambda: torch.matmul(q, k.mT).tanh_())
+    return fused < plain, f"timed here: {fused:.0f} us fused, {plain:.0f} us by torch"
+
+
+@functools.cache
+def _grouped_speed(dtype: torch.dtype) -> bool:
+    """Whether the grouped convolution beats ``torch.bmm`` + ``tanh_`` here (timed on 64
+    problems of 32 x 32, d = 32)."""
+    forced = _forced()
+    if forced is not None:
+        return forced == "onednn"
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(64, 32, 32, generator=gen).to(dtype) for _ in range(2))
+    grouped, plain = _best_us(
+        lambda: _onednn_grouped(q, k, "tanh"), lambda: torch.bmm(q, k.mT).tanh_()
+    )
+    return grouped < plain
+
+
 def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[str, str]:
     """Which method :func:`scores_tanh` uses for ``dtype`` on ``device``, and why.
 
@@ -166,9 +230,12 @@ def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple
     if torch.device(device).type != "cpu":
         return "torch", "the fused oneDNN kernel is used on CPU only"
     reason = _onednn_reason(dtype)
-    if reason is None:
-        return "onednn", "oneDNN applies tanh in its matmul epilogue (probed: runs, accurate)"
-    return "torch", reason
+    if reason is not None:
+        return "torch", reason
+    faster, figures = _onednn_speed(dtype)
+    if faster:
+        return "onednn", f"oneDNN applies tanh in its matmul epilogue (runs, accurate; {figures})"
+    return "torch", f"oneDNN's fused tanh runs and is accurate, but is slower here ({figures})"
 
 
 def _fused(x: Tensor, y: Tensor) -> bool:
@@ -195,11 +262,14 @@ def _grouped(x: Tensor, y: Tensor) -> bool:
         and x.shape[2] > 0
         and x.device.type == "cpu"
         and _grouped_reason(x.dtype) is None
+        and _grouped_speed(x.dtype)
     )
 
 
-def scores_tanh(q: Tensor, k: Tensor, scale: float, prescale: bool = True) -> Tensor:
-    """``tanh(scale * q @ k^T)`` for one block, in a new tensor.
+def scores_tanh(
+    q: Tensor, k: Tensor, scale: float, prescale: bool = True, *, out: Tensor | None = None
+) -> Tensor:
+    """``tanh(scale * q @ k^T)`` for one block, in a new tensor (or in ``out``).
 
     Args:
         q: ``(G, n, d)`` queries of ``G`` problems.
@@ -208,6 +278,8 @@ def scores_tanh(q: Tensor, k: Tensor, scale: float, prescale: bool = True) -> Te
         prescale: scale q before the product (faster: tanh stays in oneDNN's epilogue). The
             caller passes False where ``scale * q`` could overflow although ``q @ k^T`` does
             not; then the product is scaled afterwards.
+        out: None, or a contiguous ``(G, n, m)`` tensor of q's dtype to write the result
+            into (and return).
 
     Returns:
         ``(G, n, m)`` in q's dtype, possibly a strided view (each row contiguous). One key
@@ -222,15 +294,21 @@ def scores_tanh(q: Tensor, k: Tensor, scale: float, prescale: bool = True) -> Te
         True
     """
     if not prescale:
-        return scaled(torch.matmul(q, k.mT), scale).tanh_()
+        return _into(out, scaled(torch.matmul(q, k.mT), scale).tanh_())
     qs = q * scale if scale != 1.0 else q
     if _fused(qs, k):
         # oneDNN is fast on dense operands only: a stride-0 or permuted block (an expanded
         # gradient, a sequence-first view) is made contiguous first (block-sized).
-        return _onednn(qs.contiguous(), k[0].contiguous(), "tanh")
+        return _into(out, _onednn(qs.contiguous(), k[0].contiguous(), "tanh"))
     if _grouped(qs, k):
-        return _onednn_grouped(qs, k, "tanh")
-    return torch.matmul(qs, k.mT).tanh_()
+        return _into(out, _onednn_grouped(qs, k, "tanh"))
+    if out is None:
+        return torch.matmul(qs, k.mT).tanh_()
+    return torch.matmul(qs, k.expand(qs.shape[0], -1, -1).mT, out=out).tanh_()
+
+
+def _into(out: Tensor | None, result: Tensor) -> Tensor:
+    return result if out is None else out.copy_(result)
 
 
 def matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
