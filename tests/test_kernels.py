@@ -454,7 +454,9 @@ def test_nonfinite_through_ops(
     monkeypatch: pytest.MonkeyPatch, entry: Any, value: float, where: str
 ) -> None:
     """Through the ops and the public function with their default blocks: top_left with
-    n = 3 < m = 10 computes only the 3 x 3 kept columns when all is finite."""
+    n = 3 < m = 10 computes only the 3 x 3 kept columns when all is finite. (The blocked
+    drivers, which small calls skip for the whole-tensor formulas: forced here.)"""
+    monkeypatch.setattr(blockwise, "_PLAIN_MAX_ENTRIES", 0)
     q, k, v = (torch.randn(s, dtype=F64) for s in ((2, 3, 4), (10, 4), (10, 2)))
     tanh_calls = _record(monkeypatch, "scores_tanh")
     entry(q, k, v, None, 0.6, "top_left")
@@ -921,6 +923,66 @@ def test_many_small_problems_float32(
         assert calls, "the grouped convolution was not used"
     if method == "torch":
         assert not calls, "the grouped convolution was used although slower"
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize(
+    ("q_shape", "k_shape", "mask_shape"),
+    [
+        ((3, 5, 4), (3, 7, 4), None),
+        ((2, 3, 6, 4), (1, 3, 6, 4), (6, 6)),  # k, v broadcast over the batch
+        ((5, 4), (9, 4), (1, 9)),
+        ((4, 2, 8, 8), (4, 1, 8, 8), (4, 2, 8, 8)),  # keys shared by heads, own masks
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+def test_small_calls_take_the_whole_tensor_formulas(
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    mask_shape: tuple[int, ...] | None,
+    causal: str,
+    dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls this small run formulas.py on whole tensors instead of the blocked drivers:
+    the same results (against the float64 reference), from both paths, with and without a
+    saved a."""
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(q_shape, generator=gen), torch.randn(k_shape, generator=gen)
+    v = torch.randn(*k_shape[:-1], 3, generator=gen)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    mask = None if mask_shape is None else torch.rand(mask_shape, generator=gen) < 0.7
+    scale = 0.4
+    o_ref, a_ref = reference(q.double(), k.double(), v.double(), mask, scale, causal)
+    g_o = torch.randn(o_ref.shape, generator=gen).to(dtype)
+    g_a = torch.randn(a_ref.shape, generator=gen).to(dtype)
+    want_both = _ref_grads(q, k, v, mask, scale, causal, outputs=(g_o, g_a))
+    want_o = _ref_grads(q, k, v, mask, scale, causal, outputs=(g_o,))
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    calls = []
+    forward_formulas = blockwise.formulas.forward
+    monkeypatch.setattr(
+        blockwise.formulas,
+        "forward",
+        lambda *a, **kw: calls.append(1) or forward_formulas(*a, **kw),
+    )
+    for limit, plain in ((blockwise._PLAIN_MAX_ENTRIES, True), (0, False)):
+        monkeypatch.setattr(blockwise, "_PLAIN_MAX_ENTRIES", limit)
+        calls.clear()
+        o, a = blockwise.forward(q, k, v, mask, scale, causal)
+        assert bool(calls) == plain
+        assert a is not None and a._base is None and o._base is None
+        torch.testing.assert_close(o.double(), o_ref, **tol)
+        torch.testing.assert_close(a.double(), a_ref, **tol)
+        got = blockwise.backward(g_o, g_a, q, k, v, a, mask, scale, causal)
+        for g, w in zip(got, want_both, strict=True):
+            assert g is not None and g.shape == w.shape and g._base is None
+            torch.testing.assert_close(g.double(), w, **tol)
+        got = blockwise.backward(g_o, None, q, k, v, None, mask, scale, causal)
+        for g, w in zip(got, want_o, strict=True):
+            assert g is not None
+            torch.testing.assert_close(g.double(), w, **tol)
 
 
 def test_lean_keeps_short_weights_only_for_a_backward(monkeypatch: pytest.MonkeyPatch) -> None:

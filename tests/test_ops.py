@@ -149,7 +149,9 @@ def test_backward_gets_none_for_unused_output_and_skips_unneeded_inputs() -> Non
 
     def k_shaped_products(calls: list[Any]) -> list[Any]:
         """Matrix products (as the kernels run them) with a result of k's (m, d) shape."""
-        products = {"bmm", "mm", "baddbmm", "baddbmm_", "addmm", "addmm_", "_linear_pointwise"}
+        products = {
+            "bmm", "mm", "matmul", "baddbmm", "baddbmm_", "addmm", "addmm_", "_linear_pointwise"
+        }  # fmt: skip
         return [
             func
             for func, args, out in calls
@@ -274,7 +276,7 @@ def test_no_work_before_an_error(pair: ops.OpPair) -> None:
     with _Calls() as mode:  # the recording has teeth: a good call shows the kernel's ops
         pair.forward(q, k, v, None, 1.0, "top_left")
     assert any(func == pair.forward._opoverload for func, _, _ in mode.calls)
-    assert len(mode.aten()) > 5
+    assert len(mode.aten()) >= 3  # two products and a tanh at the least
 
 
 @pairs

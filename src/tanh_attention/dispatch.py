@@ -45,12 +45,17 @@ def select(inputs: Inputs, backend: str | None = None) -> Backend:
                 + ". Pass backend=None to let the dispatcher pick one that can."
             )
         return chosen
-    found = []
     for candidate in backends():
-        reasons = candidate.not_supported_reasons(inputs) or candidate.dispatch_reasons(inputs)
-        if not reasons:
+        # The device alone rules most backends out: their reasons are gathered only for the
+        # error below.
+        if inputs.device_type not in candidate.device_types:
+            continue
+        if not (candidate.not_supported_reasons(inputs) or candidate.dispatch_reasons(inputs)):
             return candidate
-        found.append(f"  {candidate.name}: {'; '.join(reasons)}")
+    found = [
+        f"  {b.name}: {'; '.join(b.not_supported_reasons(inputs) or b.dispatch_reasons(inputs))}"
+        for b in backends()
+    ]
     raise ValueError(
         f"attn(): no backend can run this call ({_shapes(inputs)}):\n" + "\n".join(found)
     )

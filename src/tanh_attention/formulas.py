@@ -26,6 +26,7 @@ second tensor operand: under vmap that operand may be batched where the target i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -92,9 +93,14 @@ def scaled(x: Tensor, scale: float) -> Tensor:
     if isinstance(scale, float | int):
         if scale == 1.0:
             return x
-        if abs(scale) > torch.finfo(x.dtype).max:
+        if abs(scale) > _largest(x.dtype):
             return (x.double() * scale).to(x.dtype)
     return x * scale
+
+
+@functools.cache
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
 
 
 def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:

@@ -37,12 +37,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .. import formulas
 from .._checks import call_shapes
 from ..dropout import Dropout
 from ..formulas import causal_diagonal, scaled
 from . import memory
 from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
-from .cpu import matmul_t, scores_tanh, tanh_method
+from .cpu import _FUSED_MIN_ENTRIES, matmul_t, scores_tanh, tanh_method
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
 
@@ -62,6 +63,29 @@ _COMPUTE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 _LARGEST = {dtype: torch.finfo(dtype).max for dtype in (torch.float32, torch.float64)}
 # Up to this many queries a bfloat16 forward reads K and V in bfloat16 (see forward).
 _FEW_ROWS = 16
+# Calls with at most this many score entries in all run the formulas on whole tensors
+# (formulas.py: the composite's few aten calls, with the hand-derived VJP): there the cost
+# is per call, and the blocked drivers' own cost exceeds what blocks save. Where oneDNN's
+# fused tanh is the faster method, only calls below its own threshold (kernels/cpu.py).
+_PLAIN_MAX_ENTRIES = 65536
+
+
+def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: Dropout | None) -> bool:
+    """Whether this call is small enough for the whole-tensor formulas (see above)."""
+    if dropout is not None or q.dtype not in (torch.float32, torch.float64):
+        return False
+    if abs(scale) > _LARGEST[q.dtype]:
+        return False
+    batch = max(math.prod(t.shape[:-2]) for t in (q, k, v))
+    limit = _PLAIN_MAX_ENTRIES
+    if tanh_method(q.dtype, q.device)[0] == "onednn":
+        limit = min(limit, _FUSED_MIN_ENTRIES)
+    return batch * q.shape[-2] * k.shape[-2] <= limit
+
+
+def _owned(t: Tensor) -> Tensor:
+    """``t`` in memory of its own (a returned tensor is never a view of a buffer)."""
+    return t if t._base is None else t.clone()
 
 
 def _all_finite(t: Tensor | None) -> bool:
@@ -374,6 +398,9 @@ def forward(
         >>> bool(torch.allclose(o, torch.tanh(q @ q.T).tril() @ v, atol=1e-6))
         True
     """
+    if block_rows is None and block_cols is None and _plain(q, k, v, scale, dropout):
+        whole_o, whole_a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+        return _owned(whole_o), (_owned(whole_a) if need_weights else None)
     p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
     p.keep_skipping_if_finite(columns=[v])
     where = p.weights_index()
@@ -493,6 +520,15 @@ def backward(
     need_v = need_v and grad_o is not None
     if not (need_q or need_k or need_v):
         return None, None, None
+    if block_rows is None and block_cols is None and _plain(q, k, v, scale, dropout):
+        if a is None:
+            a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
+        grads = formulas.vjp(
+            grad_o, grad_a, q, k, v, a, attn_mask, scale=scale, causal=causal,
+            needs=(need_q, need_k, need_v),
+        )  # fmt: skip
+        g_q, g_k, g_v = (None if g is None else _owned(g.contiguous()) for g in grads)
+        return g_q, g_k, g_v
     p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
     p.keep_skipping_if_finite(
         columns=[k if need_q else None], rows=[q if need_k else None, grad_o if need_v else None]
