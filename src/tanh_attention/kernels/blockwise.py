@@ -14,6 +14,11 @@ with a fused tanh where available), and its products ``x @ y^T (+ c)`` from
   of ``a`` from q and k.
 - :func:`jvp`: ``t_o`` from recomputed blocks.
 
+Calls with at most ``_PLAIN_MAX_ENTRIES`` score entries in all (float32, float64, no dropout)
+run ``formulas.forward`` / ``formulas.vjp`` on whole tensors instead: there the drivers' own
+cost exceeds what blocks save (benchmarks/RESULTS.md, "A second machine"); their ``a`` is
+at most that small.
+
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no
 result: it happens only when every input a skipped block would multiply by its zeros is
@@ -384,7 +389,8 @@ def forward(
         q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)`` (batch dims broadcast).
         attn_mask: optional bool mask broadcastable to ``(*batch, n, m)``, True = takes part.
         scale: multiplies the scores.  causal: ``"none"``, ``"top_left"``, ``"bottom_right"``.
-        need_weights: also return ``a``; with False nothing of size ``n x m`` is allocated.
+        need_weights: also return ``a``; with False nothing of size ``n x m`` is allocated
+            (but for the smallest calls, see the module doc).
         dropout: None, or the call's dropout: each block's mask is made from its seed (and
             made again by :func:`backward`), never stored; ``a`` is returned after dropout.
         block_rows, block_cols: block size (default ``BLOCK_ROWS`` x ``BLOCK_COLS``).
