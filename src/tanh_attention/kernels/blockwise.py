@@ -48,7 +48,7 @@ from ..dropout import Dropout
 from ..formulas import causal_diagonal, scaled
 from . import memory
 from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
-from .cpu import _FUSED_MIN_ENTRIES, matmul_t, scores_tanh, tanh_method
+from .cpu import FUSED_MIN_ENTRIES, matmul_t, scores_tanh, tanh_method
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
 
@@ -84,7 +84,7 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: Dropout | Non
     batch = max(math.prod(t.shape[:-2]) for t in (q, k, v))
     limit = _PLAIN_MAX_ENTRIES
     if tanh_method(q.dtype, q.device)[0] == "onednn":
-        limit = min(limit, _FUSED_MIN_ENTRIES)
+        limit = min(limit, FUSED_MIN_ENTRIES)
     return batch * q.shape[-2] * k.shape[-2] <= limit
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from .._torch_private import linear_pointwise
 from ..formulas import scaled
 
-__all__ = ["matmul_t", "scores_tanh", "tanh_method"]
+__all__ = ["FUSED_MIN_ENTRIES", "matmul_t", "scores_tanh", "tanh_method"]
 
 # A probe sample: float32 inputs from 1e-30 to 20 (log-spaced, both signs) and 0, where
 # tanh's relative accuracy is hardest near 0 and its rounding to +-1 near the top.
@@ -62,7 +62,7 @@ def _ulp_error(got: Tensor, x: Tensor) -> Tensor:
 # Blocks with fewer score entries than this take torch.matmul and tanh_: below it a oneDNN
 # call costs more than its fused tanh saves (measured: 32 x 32 scores, d = 64, 15 us by oneDNN,
 # 6.5 us by torch; 64 x 64 equal; 128 x 128, 27 and 70 us).
-_FUSED_MIN_ENTRIES = 4096
+FUSED_MIN_ENTRIES = 4096
 # Blocks of several problems with fewer score entries than this in all take torch.bmm: below
 # it oneDNN's per-call cost exceeds what its fused tanh saves (measured: 16 problems of 16 x 16
 # take 20 us by bmm + tanh_, 60 us by the grouped convolution; 64 of 32 x 32, 220 and 170 us).
@@ -244,7 +244,7 @@ def _fused(x: Tensor, y: Tensor) -> bool:
     return (
         y.shape[0] == 1
         and x.shape[-1] > 0
-        and x.shape[0] * x.shape[1] * y.shape[1] >= _FUSED_MIN_ENTRIES
+        and x.shape[0] * x.shape[1] * y.shape[1] >= FUSED_MIN_ENTRIES
         and tanh_method(x.dtype, x.device)[0] == "onednn"
     )
 
