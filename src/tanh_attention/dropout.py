@@ -20,6 +20,7 @@ up to ``2^-32``. Kept weights are scaled by
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
@@ -148,8 +149,5 @@ def keep_mask(
     """The whole keep-mask of weights of ``shape`` ``(*weights_batch, n, m)``: the blocks of
     :meth:`Dropout.keep` side by side (the composite's dropout)."""
     *batch, n, m = shape
-    size = 1
-    for s in batch:
-        size *= s
-    keep = Dropout(p, seed).keep(range(size), range(n), range(m), device)
+    keep = Dropout(p, seed).keep(range(math.prod(batch)), range(n), range(m), device)
     return keep.reshape(shape)

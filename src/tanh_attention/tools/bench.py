@@ -53,6 +53,7 @@ __all__ = [
     "run",
     "run_benchmarks",
     "sweep",
+    "torch_runner",
 ]
 
 IMPLEMENTATIONS = ("ours", "composite", "compile", "jax")
@@ -187,24 +188,38 @@ def _torch_inputs(config: Config, seed: int = 0) -> dict[str, Any]:
 def _torch_runner(impl: str, config: Config, x: dict[str, Any]) -> Callable[[], Any]:
     import torch
 
+    variant = "top_left" if config.causal else "none"  # the composite op's causal argument
+
+    def composite(q: Any, k: Any, v: Any) -> Any:
+        o, a = torch.ops.tanh_attention.attn_composite(q, k, v, None, x["scale"], variant)
+        return (o, a) if config.weights else (o,)
+
+    return torch_runner(impl, config, x, composite)
+
+
+def torch_runner(
+    impl: str, config: Config, x: dict[str, Any], composite: Callable[..., Any]
+) -> Callable[[], Any]:
+    """One timed iteration of ``impl`` ("ours", "composite", or "compile" of ``composite``):
+    the forward under ``no_grad``, or the forward and ``torch.autograd.grad`` of its outputs.
+    ``composite(q, k, v)`` returns ``(o, a)`` or ``(o,)`` as ``config.weights`` says."""
+    import torch
+
     import tanh_attention
 
     q, k, v, scale, causal = x["q"], x["k"], x["v"], x["scale"], config.causal
-    variant = "top_left" if causal else "none"  # the composite op's causal argument
-
-    def composite(q: Any, k: Any, v: Any) -> Any:
-        o, a = torch.ops.tanh_attention.attn_composite(q, k, v, None, scale, variant)
-        return (o, a) if config.weights else (o,)
 
     def ours(q: Any, k: Any, v: Any) -> Any:
         o, a = tanh_attention.attn(q, k, v, scale=scale, causal=causal, need_weights=config.weights)
         return (o, a) if config.weights else (o,)
 
+    fn: Callable[..., Any]
     if impl == "compile":
         torch._dynamo.reset()
         fn = torch.compile(composite, fullgraph=True, dynamic=False)
     else:
-        fn = {"ours": ours, "composite": composite}[impl]
+        runners: dict[str, Callable[..., Any]] = {"ours": ours, "composite": composite}
+        fn = runners[impl]
     if not config.backward:
 
         def forward() -> Any:

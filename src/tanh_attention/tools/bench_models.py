@@ -65,6 +65,7 @@ from .bench import (
     machine_info,
     partial_writer,
     step_progress,
+    torch_runner,
 )
 
 __all__ = [
@@ -179,41 +180,17 @@ def layer_shapes() -> list[LayerShape]:
 def _torch_runner(impl: str, config: Config, x: dict[str, Any]) -> Callable[[], Any]:
     import torch
 
-    import tanh_attention
-
-    q, k, v, scale = x["q"], x["k"], x["v"], x["scale"]
-    causal, weights = config.causal, config.weights
+    scale, causal, weights = x["scale"], config.causal, config.weights
 
     def composite(q: Any, k: Any, v: Any) -> Any:
+        # The eager composite as a user writes it (the baseline), not the op.
         a = torch.tanh((q @ k.mT) * scale)
         if causal:
             a = a.tril()
         o = a @ v
         return (o, a) if weights else (o,)
 
-    def ours(q: Any, k: Any, v: Any) -> Any:
-        o, a = tanh_attention.attn(q, k, v, scale=scale, causal=causal, need_weights=weights)
-        return (o, a) if weights else (o,)
-
-    if impl == "compile":
-        torch._dynamo.reset()
-        fn = torch.compile(composite, fullgraph=True, dynamic=False)
-    else:
-        fn = {"ours": ours, "composite": composite}[impl]
-    if not config.backward:
-
-        def forward() -> Any:
-            with torch.no_grad():
-                return fn(q, k, v)
-
-        return forward
-    grads = (x["g_o"], x["g_a"]) if weights else (x["g_o"],)
-
-    def forward_backward() -> Any:
-        outputs = fn(q, k, v)
-        return outputs, torch.autograd.grad(outputs, (q, k, v), grads)
-
-    return forward_backward
+    return torch_runner(impl, config, x, composite)
 
 
 def _runner(impl: str, config: Config, x: dict[str, Any]) -> Callable[[], Any]:
