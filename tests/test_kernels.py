@@ -644,6 +644,9 @@ def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     faster = request.param == "onednn"
     monkeypatch.setattr(cpu_kernels, "_onednn_speed", lambda dtype: (faster, "forced by a test"))
     monkeypatch.setattr(cpu_kernels, "_grouped_speed", lambda dtype: faster)
+    monkeypatch.setattr(cpu_kernels, "_product_speed", lambda dtype: (faster, "forced by a test"))
+    if faster:  # every one-problem block's product by oneDNN, however small
+        monkeypatch.setattr(cpu_kernels, "PRODUCT_MIN_ENTRIES", 0)
     return str(request.param)
 
 
@@ -923,6 +926,53 @@ def test_many_small_problems_float32(
         assert calls, "the grouped convolution was not used"
     if method == "torch":
         assert not calls, "the grouped convolution was used although slower"
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_one_problem_blocks_float32(
+    causal: str, layout: str, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """One problem per block (blocks of part of the rows and columns): every accumulating
+    product (``o += a @ v``, the three gradient products, the JVP's) by oneDNN or by torch,
+    forward, backward from a and recomputing, and the JVP against the float64 reference at
+    float32 accuracy; inputs contiguous or strided views (a sequence-first layout)."""
+    calls = []
+    product = cpu_kernels._onednn
+    monkeypatch.setattr(cpu_kernels, "_onednn", lambda *a: calls.append(a[2]) or product(*a))
+    gen = torch.Generator().manual_seed(5)
+    shapes = ((2, 3, 40, 8), (2, 3, 56, 8), (2, 3, 56, 12))
+    if layout == "contiguous":
+        q, k, v = (torch.randn(s, generator=gen) for s in shapes)
+    else:  # (n, B, H, d) memory seen as (B, H, n, d)
+        q, k, v = (
+            torch.randn(s[2], s[0], s[1], s[3], generator=gen).permute(1, 2, 0, 3) for s in shapes
+        )
+    mask = torch.rand(40, 56, generator=gen) < 0.7
+    scale, size, tol = 0.3, {"block_rows": 16, "block_cols": 24}, {"rtol": 1e-4, "atol": 1e-4}
+    o_ref, a_ref = reference(q.double(), k.double(), v.double(), mask, scale, causal)
+    o, a = blockwise.forward(q, k, v, mask, scale, causal, **size)
+    torch.testing.assert_close(o.double(), o_ref, **tol)
+    assert a is not None
+    torch.testing.assert_close(a.double(), a_ref, **tol)
+    o_lean, _ = blockwise.forward(q, k, v, mask, scale, causal, need_weights=False, **size)
+    torch.testing.assert_close(o_lean.double(), o_ref, **tol)
+    g_o, g_a = torch.randn_like(o), torch.randn_like(a)
+    for outputs, saved in (((g_o, g_a), a), ((g_o,), None), ((g_o,), a)):
+        want = _ref_grads(q, k, v, mask, scale, causal, outputs=outputs)
+        g_a_in = g_a if len(outputs) == 2 else None
+        got = blockwise.backward(g_o, g_a_in, q, k, v, saved, mask, scale, causal, **size)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.double(), w, **tol)
+    tangents = tuple(torch.randn_like(x) for x in (q, k, v))
+    wide = [x.double() for x in (*tangents, q, k, v)]
+    want_t = _ref_jvp(wide[:3], *wide[3:], mask, scale, causal)
+    got_t = blockwise.jvp(*tangents, q, k, v, mask, scale, causal, **size)
+    torch.testing.assert_close(got_t.double(), want_t, **tol)
+    if method == "onednn" and cpu_kernels.product_method(torch.float32)[0] == "onednn":
+        assert "none" in calls, "no product went to oneDNN"
+    if method == "torch":
+        assert not calls, "oneDNN ran although torch was chosen"
 
 
 @pytest.mark.parametrize("causal", CAUSAL)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import _torch_private
 from ._checks import validate_layout, validate_scale
 from .api import attn
+from .linear import linear
 
 __all__ = ["MultiheadTanhAttention"]
 
@@ -406,8 +407,8 @@ class MultiheadTanhAttention(nn.Module):
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.split(e)
-            return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-        return F.linear(query, w_q), F.linear(key, w_k), F.linear(value, w_v)
+            return linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)
+        return linear(query, w_q), linear(key, w_k), linear(value, w_v)
 
     def _packed(self, self_attention: bool) -> bool:
         """Self-attention (one tensor as query, key and value) with the packed projection
@@ -422,7 +423,7 @@ class MultiheadTanhAttention(nn.Module):
     def _packed_heads(self, x: Tensor, n_batch: int, length: int) -> tuple[Tensor, ...]:
         """q, k, v as contiguous ``(N, H, L, hd)`` from one product with the packed weight, as
         ``nn.MultiheadAttention`` projects self-attention."""
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # type: ignore[arg-type]
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # type: ignore[arg-type]
         qkv = qkv.view(n_batch, length, 3, self.num_heads, self.head_dim)
         return tuple(qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0))
 
@@ -537,29 +538,29 @@ class MultiheadTanhAttention(nn.Module):
                 causal_keep = (cols <= rows) | (cols >= src_len)
                 keep = causal_keep if keep is None else keep & causal_keep
 
-        p = self.dropout if self.training else 0.0
-        if p > 0.0:
-            # Dropout zeroes weights: that is a mask, intersected with the others; the kept
-            # weights (and so the output) are scaled by 1 / (1 - p) below.
-            dropped = torch.rand(n_batch, h, tgt_len, total_len, device=q.device) < p
-            keep = dropped.logical_not() if keep is None else keep & dropped.logical_not()
-
+        # Dropout runs inside the operator: its mask is made from a seed, block by block, so
+        # the memory-efficient path (need_weights=False) stores nothing of L x S.
         o, a = attn(
-            q, k, v, scale=self.scale, causal=causal, need_weights=need_weights, attn_mask=keep
+            q,
+            k,
+            v,
+            scale=self.scale,
+            causal=causal,
+            need_weights=need_weights,
+            attn_mask=keep,
+            dropout_p=self.dropout if self.training else 0.0,
         )
-        if p > 0.0:
-            o = o / (1.0 - p)
 
         # --- merge heads, output projection, back to the input layout
-        out = self.out_proj(o.transpose(1, 2).reshape(n_batch, tgt_len, self.embed_dim))
+        # As nn.MultiheadAttention, the output projection's parameters, not its module.
+        merged = o.transpose(1, 2).reshape(n_batch, tgt_len, self.embed_dim)
+        out = linear(merged, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(0)
         elif not self.batch_first:
             out = out.transpose(0, 1)
         if a is None:
             return out, None
-        if p > 0.0:
-            a = a / (1.0 - p)
         if average_attn_weights:
             a = a.mean(dim=1)
         if not batched:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AddProduct",
     "MatmulT",
     "add_product_",
     "forward_block_",
@@ -43,6 +44,8 @@ def _matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
 
 
 MatmulT = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+# ``add_product(acc, x, y, alpha, first=...)``: :func:`add_product_`'s contract.
+AddProduct = Callable[..., Tensor]
 
 
 def add_product_(
@@ -93,6 +96,7 @@ def forward_block_(
     dropout: Tensor | None = None,
     dropout_scale: float = 1.0,
     first: bool = False,
+    add_product: AddProduct | None = None,
 ) -> Tensor:
     """One block of ``formulas.forward``, given ``tanh(x)`` of the block in ``a``::
 
@@ -109,6 +113,8 @@ def forward_block_(
         dropout: None, or the block ``K`` of the weights dropout keeps (1/0, a's dtype).
         dropout_scale: ``s = 1 / (1 - p)``, the factor of the kept weights.
         first: ``o = ...`` instead of ``o += ...`` (the one block of its rows).
+        add_product: computes ``acc (+)= alpha * x @ y`` (:func:`add_product_`'s contract,
+            its default), which a caller may pass a faster one for.
 
     Returns:
         ``a``, masked (and dropped, not yet scaled by ``s``).
@@ -116,7 +122,7 @@ def forward_block_(
     keep_block_(a, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
     if dropout is not None:
         a.mul_(dropout)
-    add_product_(o, a, v, dropout_scale, first=first)
+    (add_product or add_product_)(o, a, v, dropout_scale, first=first)
     return a
 
 
@@ -140,6 +146,7 @@ def vjp_block_(
     dropout_scale: float = 1.0,
     first_rows: bool = False,
     first_cols: bool = False,
+    add_product: AddProduct | None = None,
 ) -> None:
     """One block of ``formulas.vjp``, accumulated into the gradient buffers::
 
@@ -172,7 +179,9 @@ def vjp_block_(
         dropout_scale: ``s``, the factor of the kept weights.
         first_rows: write ``g_q`` instead of adding to it (the one block of its rows).
         first_cols: write ``g_k`` and ``g_v`` instead (the one block of its columns).
+        add_product: computes ``acc (+)= alpha * x @ y`` (default :func:`add_product_`).
     """
+    product = add_product or add_product_
     # a_rc, g_rc, dropout_rc: views of the blocks as (rows, cols), however they are held.
     a_rc = a.mT if transposed else a
     dropout_rc = None if dropout is None else dropout.mT if transposed else dropout
@@ -189,12 +198,12 @@ def vjp_block_(
         keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
         g_rc = g.mT if transposed else g
         if g_q is not None:
-            add_product_(g_q, g_rc, k, scale * dropout_scale, first=first_rows)
+            product(g_q, g_rc, k, scale * dropout_scale, first=first_rows)
         if g_k is not None:
-            add_product_(g_k, g_rc.mT, q, scale * dropout_scale, first=first_cols)
+            product(g_k, g_rc.mT, q, scale * dropout_scale, first=first_cols)
     if g_v is not None and g_o is not None:
         dropped = a_rc if dropout_rc is None else a_rc * dropout_rc
-        add_product_(g_v, dropped.mT, g_o, dropout_scale, first=first_cols)
+        product(g_v, dropped.mT, g_o, dropout_scale, first=first_cols)
 
 
 def jvp_block_(
@@ -211,6 +220,7 @@ def jvp_block_(
     causal_diagonal: int | None = None,
     attn_mask: Tensor | None = None,
     matmul_t: MatmulT = _matmul_t,
+    add_product: AddProduct | None = None,
 ) -> None:
     """One block of ``formulas.jvp``'s ``t_o``, accumulated into ``t_o``::
 
@@ -223,7 +233,9 @@ def jvp_block_(
         q, k, v, a: as in :func:`vjp_block_`.
         scale, causal_diagonal, attn_mask: the forward's scale and the block's keep-mask.
         matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
+        add_product: computes ``acc += alpha * x @ y`` (default :func:`add_product_`).
     """
+    product = add_product or add_product_
     t = None
     if t_q is not None:
         t = matmul_t(t_q, k, None)
@@ -232,6 +244,6 @@ def jvp_block_(
     if t is not None:
         torch.ops.aten.tanh_backward.grad_input(t, a, grad_input=t)
         keep_block_(t, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
-        add_product_(t_o, t, v, scale)
+        product(t_o, t, v, scale)
     if t_v is not None:
-        add_product_(t_o, a, t_v)
+        product(t_o, a, t_v)

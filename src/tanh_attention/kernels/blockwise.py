@@ -48,7 +48,7 @@ from ..dropout import Dropout
 from ..formulas import causal_diagonal, scaled
 from . import memory
 from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
-from .cpu import FUSED_MIN_ENTRIES, matmul_t, scores_tanh, tanh_method
+from .cpu import FUSED_MIN_ENTRIES, add_product_, matmul_t, scores_tanh, tanh_method
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
 
@@ -466,6 +466,7 @@ def forward(
                     dropout=p.dropout_block(dropout, t),
                     dropout_scale=drop_scale,
                     first=whole,
+                    add_product=add_product_,
                 )
             if a3 is not None and out is not None:
                 if drop_scale != 1.0:
@@ -598,6 +599,7 @@ def backward(
                 dropout_scale=drop_scale,
                 first_rows=p.whole_rows,
                 first_cols=p.whole_cols,
+                add_product=add_product_,
             )
     return (
         None if g_q is None else p.reduce(g_q, q),
@@ -656,5 +658,6 @@ def jvp(
                 causal_diagonal=t.causal_diagonal,
                 attn_mask=mask,
                 matmul_t=matmul_t,
+                add_product=add_product_,
             )
     return t_o.to(q.dtype)

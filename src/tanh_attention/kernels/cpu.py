@@ -26,6 +26,12 @@ entry and ``torch.matmul`` + ``tanh_`` is the faster), so one timing probe per p
 decides, on a block of the kernels' usual size. Otherwise a block is computed with
 ``torch.matmul`` (and ``torch.tanh_``). :func:`tanh_method` says which one runs, and why;
 ``TANH_ATTENTION_CPU_TANH=onednn`` or ``=torch`` skips the timing (accuracy still decides).
+
+The accumulating products ``acc += alpha * x @ y`` of one-problem blocks (``o += a @ v`` and
+the backward's three gradient products, :func:`add_product_`) follow the same rule with a
+probe of their own: on the AMD EPYC of benchmarks/RESULTS.md ``torch.baddbmm`` runs MKL's
+float32 kernel at about 95 GFLOP/s where oneDNN's reaches 210 (MKL takes its AVX2 path on
+AMD CPUs), while on Intel MKL is the fast one. :func:`product_method` says which runs here.
 """
 
 from __future__ import annotations
@@ -41,8 +47,17 @@ from torch import Tensor
 
 from .._torch_private import linear_pointwise
 from ..formulas import scaled
+from . import blocks
 
-__all__ = ["FUSED_MIN_ENTRIES", "matmul_t", "scores_tanh", "tanh_method"]
+__all__ = [
+    "FUSED_MIN_ENTRIES",
+    "PRODUCT_MIN_ENTRIES",
+    "add_product_",
+    "matmul_t",
+    "product_method",
+    "scores_tanh",
+    "tanh_method",
+]
 
 # A probe sample: float32 inputs from 1e-30 to 20 (log-spaced, both signs) and 0, where
 # tanh's relative accuracy is hardest near 0 and its rounding to +-1 near the top.
@@ -63,6 +78,11 @@ def _ulp_error(got: Tensor, x: Tensor) -> Tensor:
 # call costs more than its fused tanh saves (measured: 32 x 32 scores, d = 64, 15 us by oneDNN,
 # 6.5 us by torch; 64 x 64 equal; 128 x 128, 27 and 70 us).
 FUSED_MIN_ENTRIES = 4096
+# Accumulating products whose x has fewer entries than this take torch.baddbmm_: below it a
+# oneDNN call and the separate add cost more than its faster kernel saves (measured on the
+# AMD EPYC, x @ y with y of 64 columns: 128 x 128 blocks 23 us by baddbmm_, 25 by oneDNN;
+# 256 x 256, 87 and 54 us; 512 x 1024, 691 and 309 us).
+PRODUCT_MIN_ENTRIES = 65536
 # Blocks of several problems with fewer score entries than this in all take torch.bmm: below
 # it oneDNN's per-call cost exceeds what its fused tanh saves (measured: 16 problems of 16 x 16
 # take 20 us by bmm + tanh_, 60 us by the grouped convolution; 64 of 32 x 32, 220 and 170 us).
@@ -247,6 +267,73 @@ def _fused(x: Tensor, y: Tensor) -> bool:
         and x.shape[0] * x.shape[1] * y.shape[1] >= FUSED_MIN_ENTRIES
         and tanh_method(x.dtype, x.device)[0] == "onednn"
     )
+
+
+@functools.cache
+def _product_speed(dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether oneDNN's product beats ``torch.baddbmm_`` for ``acc += x @ y`` here, and the
+    figures (float32 only: timed on a 512 x 1024 block times 1024 x 64)."""
+    forced = _forced()
+    if forced is not None:
+        return forced == "onednn", f"{_CHOICE_ENV}={forced}"
+    if dtype != torch.float32:
+        return False, f"oneDNN's product is not used for {dtype}"
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 512, 1024, generator=gen), torch.randn(1, 1024, 64, generator=gen)
+    acc = torch.zeros(1, 512, 64)
+    fused, plain = _best_us(
+        lambda: acc[0].add_(_onednn(x[0], y[0].mT, "none")), lambda: acc.baddbmm_(x, y)
+    )
+    return fused < plain, f"timed here: {fused:.0f} us by oneDNN, {plain:.0f} us by torch"
+
+
+def product_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """Which kernel :func:`add_product_` uses for large one-problem blocks of ``dtype`` on
+    ``device``, and why: ``("onednn", reason)`` or ``("torch", reason)`` (``baddbmm_``).
+
+    Example:
+        >>> product_method(torch.float64)[0]
+        'torch'
+    """
+    if torch.device(device).type != "cpu":
+        return "torch", "oneDNN's product is used on CPU only"
+    if linear_pointwise() is None:
+        return "torch", "this PyTorch build has no oneDNN matmul (mkldnn)"
+    faster, figures = _product_speed(dtype)
+    if faster:
+        return "onednn", f"oneDNN's matrix product is the faster here ({figures})"
+    return "torch", f"torch.baddbmm_ ({figures})"
+
+
+def add_product_(
+    acc: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0, *, first: bool = False
+) -> Tensor:
+    """In place: ``acc += alpha * x @ y``, or ``acc = alpha * x @ y`` with ``first``
+    (:func:`kernels.blocks.add_product_`'s contract, which it is passed in place of).
+
+    Args:
+        acc: ``(G, n, e)``.  x: ``(G, n, c)``, any strides.  y: ``(G, c, e)``, any strides.
+
+    One problem (G = 1) of at least ``PRODUCT_MIN_ENTRIES`` entries of x, all float32, takes
+    oneDNN's product where :func:`product_method` chose it (reading strided x and y as they
+    are); everything else ``blocks.add_product_`` (``torch.baddbmm_``).
+    """
+    if (
+        x.shape[0] == 1
+        and x.shape[1] * x.shape[2] >= PRODUCT_MIN_ENTRIES
+        and acc.dtype == x.dtype == y.dtype == torch.float32
+        and x.device.type == "cpu"
+        and product_method(x.dtype)[0] == "onednn"
+    ):
+        product = _onednn(x[0], y[0].mT, "none")
+        if not first:
+            acc[0].add_(product, alpha=alpha)
+        elif alpha != 1.0:
+            torch.mul(product, alpha, out=acc[0])
+        else:
+            acc[0].copy_(product)
+        return acc
+    return blocks.add_product_(acc, x, y, alpha, first=first)
 
 
 def _grouped(x: Tensor, y: Tensor) -> bool:
