@@ -647,6 +647,7 @@ def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     monkeypatch.setattr(cpu_kernels, "_product_speed", lambda dtype: (faster, "forced by a test"))
     if faster:  # every one-problem block's product by oneDNN, however small
         monkeypatch.setattr(cpu_kernels, "PRODUCT_MIN_ENTRIES", 0)
+        monkeypatch.setattr(cpu_kernels, "PRODUCT_MIN_COLS", 0)
     return str(request.param)
 
 

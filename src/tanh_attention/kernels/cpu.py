@@ -51,6 +51,7 @@ from . import blocks
 
 __all__ = [
     "FUSED_MIN_ENTRIES",
+    "PRODUCT_MIN_COLS",
     "PRODUCT_MIN_ENTRIES",
     "add_product_",
     "matmul_t",
@@ -83,6 +84,12 @@ FUSED_MIN_ENTRIES = 4096
 # AMD EPYC, x @ y with y of 64 columns: 128 x 128 blocks 23 us by baddbmm_, 25 by oneDNN;
 # 256 x 256, 87 and 54 us; 512 x 1024, 691 and 309 us).
 PRODUCT_MIN_ENTRIES = 65536
+# ... and products of fewer columns than this (twice as many where x is read transposed, as
+# the backward's g_x^T @ q and a^T @ g_o are): oneDNN reorders a transposed x, which narrow
+# products do not pay for (x^T @ y, 256 x 256 blocks: 16 columns 38 us by baddbmm_, 59 by
+# oneDNN; 64 columns, 102 and 86 us). A 4 x 4 x 256 x 16 backward took 3.9 ms without these
+# limits, 2.8 ms by torch alone.
+PRODUCT_MIN_COLS = 32
 # Blocks of several problems with fewer score entries than this in all take torch.bmm: below
 # it oneDNN's per-call cost exceeds what its fused tanh saves (measured: 16 problems of 16 x 16
 # take 20 us by bmm + tanh_, 60 us by the grouped convolution; 64 of 32 x 32, 220 and 170 us).
@@ -314,13 +321,15 @@ def add_product_(
     Args:
         acc: ``(G, n, e)``.  x: ``(G, n, c)``, any strides.  y: ``(G, c, e)``, any strides.
 
-    One problem (G = 1) of at least ``PRODUCT_MIN_ENTRIES`` entries of x, all float32, takes
+    One problem (G = 1) of at least ``PRODUCT_MIN_ENTRIES`` entries of x and
+    ``PRODUCT_MIN_COLS`` columns of y (twice that for a transposed x), all float32, takes
     oneDNN's product where :func:`product_method` chose it (reading strided x and y as they
     are); everything else ``blocks.add_product_`` (``torch.baddbmm_``).
     """
     if (
         x.shape[0] == 1
         and x.shape[1] * x.shape[2] >= PRODUCT_MIN_ENTRIES
+        and y.shape[2] >= (PRODUCT_MIN_COLS if x.stride(2) == 1 else 2 * PRODUCT_MIN_COLS)
         and acc.dtype == x.dtype == y.dtype == torch.float32
         and x.device.type == "cpu"
         and product_method(x.dtype)[0] == "onednn"
