@@ -88,8 +88,14 @@ def test_other_dtypes_and_empty_take_f_linear(way: tuple[str, list[int]]) -> Non
     assert not way[1], "one of these went to oneDNN"
 
 
-def test_layer_training_step_float32(way: tuple[str, list[int]]) -> None:
-    """The layer's float32 step: output and every parameter's gradient as with F.linear."""
+def test_layer_training_step_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer's float32 step with oneDNN's projections: output and every parameter's
+    gradient as with F.linear's."""
+    monkeypatch.setattr(linear_module, "product_method", lambda dtype: ("onednn", "test"))
+    monkeypatch.setattr(linear_module, "_MIN_ENTRIES", 0)
+    calls: list[int] = []
+    product = linear_module._mm
+    monkeypatch.setattr(linear_module, "_mm", lambda x, w: calls.append(1) or product(x, w))
     torch.manual_seed(0)
     mha = MultiheadTanhAttention(16, 2, batch_first=True)
     x = torch.randn(3, 10, 16, requires_grad=True)
@@ -99,13 +105,15 @@ def test_layer_training_step_float32(way: tuple[str, list[int]]) -> None:
         patch.setattr(linear_module, "_by_onednn", lambda *args: False)
         ref, _ = mha(x, x, x, is_causal=True, need_weights=False)
         want = torch.autograd.grad(ref.sum(), [x, *mha.parameters()])
+    assert calls, "the layer's projections did not go to oneDNN"
     torch.testing.assert_close(out, ref, **TOL)
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, **TOL)
 
 
-def test_compiled_layer_sees_f_linear() -> None:
-    """Under torch.compile the projections are F.linear (the compiler sees the aten op)."""
+def test_compiled_layer_matches_eager() -> None:
+    """The layer compiles whole (fullgraph: the projections break no graph) to the eager
+    result."""
     mha = MultiheadTanhAttention(16, 2, batch_first=True)
     x = torch.randn(2, 6, 16)
     compiled = torch.compile(mha, fullgraph=True, backend="eager")

@@ -96,7 +96,7 @@ def forward_block_(
     dropout: Tensor | None = None,
     dropout_scale: float = 1.0,
     first: bool = False,
-    add_product: AddProduct | None = None,
+    add_product: AddProduct = add_product_,
 ) -> Tensor:
     """One block of ``formulas.forward``, given ``tanh(x)`` of the block in ``a``::
 
@@ -122,7 +122,7 @@ def forward_block_(
     keep_block_(a, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
     if dropout is not None:
         a.mul_(dropout)
-    (add_product or add_product_)(o, a, v, dropout_scale, first=first)
+    add_product(o, a, v, dropout_scale, first=first)
     return a
 
 
@@ -146,7 +146,7 @@ def vjp_block_(
     dropout_scale: float = 1.0,
     first_rows: bool = False,
     first_cols: bool = False,
-    add_product: AddProduct | None = None,
+    add_product: AddProduct = add_product_,
 ) -> None:
     """One block of ``formulas.vjp``, accumulated into the gradient buffers::
 
@@ -181,7 +181,6 @@ def vjp_block_(
         first_cols: write ``g_k`` and ``g_v`` instead (the one block of its columns).
         add_product: computes ``acc (+)= alpha * x @ y`` (default :func:`add_product_`).
     """
-    product = add_product or add_product_
     # a_rc, g_rc, dropout_rc: views of the blocks as (rows, cols), however they are held.
     a_rc = a.mT if transposed else a
     dropout_rc = None if dropout is None else dropout.mT if transposed else dropout
@@ -198,12 +197,12 @@ def vjp_block_(
         keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
         g_rc = g.mT if transposed else g
         if g_q is not None:
-            product(g_q, g_rc, k, scale * dropout_scale, first=first_rows)
+            add_product(g_q, g_rc, k, scale * dropout_scale, first=first_rows)
         if g_k is not None:
-            product(g_k, g_rc.mT, q, scale * dropout_scale, first=first_cols)
+            add_product(g_k, g_rc.mT, q, scale * dropout_scale, first=first_cols)
     if g_v is not None and g_o is not None:
         dropped = a_rc if dropout_rc is None else a_rc * dropout_rc
-        product(g_v, dropped.mT, g_o, dropout_scale, first=first_cols)
+        add_product(g_v, dropped.mT, g_o, dropout_scale, first=first_cols)
 
 
 def jvp_block_(
@@ -220,7 +219,7 @@ def jvp_block_(
     causal_diagonal: int | None = None,
     attn_mask: Tensor | None = None,
     matmul_t: MatmulT = _matmul_t,
-    add_product: AddProduct | None = None,
+    add_product: AddProduct = add_product_,
 ) -> None:
     """One block of ``formulas.jvp``'s ``t_o``, accumulated into ``t_o``::
 
@@ -235,7 +234,6 @@ def jvp_block_(
         matmul_t: computes ``x @ y^T + c`` (``c`` None: no term) in a new tensor.
         add_product: computes ``acc += alpha * x @ y`` (default :func:`add_product_`).
     """
-    product = add_product or add_product_
     t = None
     if t_q is not None:
         t = matmul_t(t_q, k, None)
@@ -244,6 +242,6 @@ def jvp_block_(
     if t is not None:
         torch.ops.aten.tanh_backward.grad_input(t, a, grad_input=t)
         keep_block_(t, causal_diagonal=causal_diagonal, attn_mask=attn_mask)
-        product(t_o, t, v, scale)
+        add_product(t_o, t, v, scale)
     if t_v is not None:
-        product(t_o, a, t_v)
+        add_product(t_o, a, t_v)
