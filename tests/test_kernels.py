@@ -637,12 +637,13 @@ def test_low_precision(dtype: torch.dtype, tol: float, need_weights: bool) -> No
         )
 
 
-@pytest.fixture(params=["onednn", "torch"])
+@pytest.fixture(params=["onednn", "sigmoid", "torch"])
 def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each block method, whichever the timing probe would pick on this machine (both must
+    """Each block method, whichever the timing probe would pick on this machine (all must
     be right wherever they run; the probe only picks the faster)."""
     faster = request.param == "onednn"
-    monkeypatch.setattr(cpu_kernels, "_onednn_speed", lambda dtype: (faster, "forced by a test"))
+    choice = str(request.param)
+    monkeypatch.setattr(cpu_kernels, "_timed_choice", lambda dtype: (choice, "forced by a test"))
     monkeypatch.setattr(cpu_kernels, "_grouped_speed", lambda dtype: faster)
     monkeypatch.setattr(cpu_kernels, "_product_speed", lambda dtype: (faster, "forced by a test"))
     if faster:  # every one-problem block's product by oneDNN, however small
@@ -685,29 +686,38 @@ def test_tanh_method_is_inspectable() -> None:
     method, why = cpu_kernels.tanh_method(F64)
     assert method == "torch" and "float64" in why
     method, why = cpu_kernels.tanh_method(torch.float32)
-    assert method in ("onednn", "torch") and why
+    assert method in ("onednn", "sigmoid", "torch") and why
+    # The timing probe decided, and says so with its figures.
+    assert "us by torch" in why, why
     if cpu_kernels._onednn_reason(torch.float32) is None:
-        # Accurate here: then the timing probe decided, and says so with its figures.
-        assert "us fused" in why and "us by torch" in why, why
+        assert "us fused" in why, why
+    assert cpu_kernels.tanh_method(torch.bfloat16)[0] != "sigmoid"  # float32 only
 
 
-@pytest.mark.parametrize("value", ["onednn", "torch", "bogus"])
+@pytest.mark.parametrize("value", ["onednn", "sigmoid", "torch", "bogus"])
 def test_tanh_method_can_be_forced(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANH_ATTENTION_CPU_TANH", value)
-    cpu_kernels._onednn_speed.cache_clear()
+    cpu_kernels._timed_choice.cache_clear()
     try:
         if value == "bogus":
             with pytest.raises(ValueError, match="TANH_ATTENTION_CPU_TANH must be"):
                 cpu_kernels.tanh_method(torch.float32)
             return
         method, why = cpu_kernels.tanh_method(torch.float32)
-        if cpu_kernels._onednn_reason(torch.float32) is None:
+        reason = {
+            "onednn": cpu_kernels._onednn_reason(torch.float32),
+            "sigmoid": cpu_kernels._sigmoid_reason(torch.float32),
+            "torch": None,
+        }[value]
+        if reason is None:
             assert method == value and "TANH_ATTENTION_CPU_TANH" in why
         else:  # accuracy still decides: no forcing an inaccurate kernel
-            assert method == "torch"
+            assert method == "torch" and reason in why
+        # Never for float64, forced or not.
+        assert cpu_kernels.tanh_method(F64)[0] == "torch"
     finally:
         monkeypatch.delenv("TANH_ATTENTION_CPU_TANH")
-        cpu_kernels._onednn_speed.cache_clear()
+        cpu_kernels._timed_choice.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------

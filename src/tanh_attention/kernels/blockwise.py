@@ -45,10 +45,17 @@ from torch import Tensor
 from .. import formulas
 from .._checks import call_shapes
 from ..dropout import Dropout
-from ..formulas import causal_diagonal, scaled
+from ..formulas import causal_diagonal
 from . import memory
 from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
-from .cpu import FUSED_MIN_ENTRIES, add_product_, matmul_t, scores_tanh, tanh_method
+from .cpu import (
+    FUSED_MIN_ENTRIES,
+    add_product_,
+    matmul_t,
+    scaled_tanh_,
+    scores_tanh,
+    tanh_method,
+)
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
 
@@ -289,19 +296,20 @@ class _Problem:
         self.skip = finite
 
     def prescale(self, q: Tensor, k: Tensor) -> bool:
-        """Whether ``(scale * q) @ k^T`` cannot overflow where ``q @ k^T`` does not: true when
-        ``|scale| * |q_i| * |k_j|`` (which bounds every partial sum) and ``|scale| * |q_i|``,
-        ``|scale| * |k_j|`` stay well inside the compute dtype for all rows. Otherwise the
-        scores are scaled after the product (formulas.scaled)."""
-        if abs(self.scale) <= 1.0 or q.numel() == 0 or k.numel() == 0:
-            # |scale * x| <= |x| for every partial sum: no overflow where q @ k^T has none
-            # (the usual 1/sqrt(d) needs no look at the data, and no sync).
+        """Whether ``(2 * scale * q) @ k^T`` cannot overflow where ``q @ k^T`` does not (the
+        "sigmoid" tanh scales by twice the scale, kernels/cpu.py): true when ``s * |q_i| *
+        |k_j|`` (which bounds every partial sum) and ``s * |q_i|``, ``s * |k_j|`` stay well
+        inside the compute dtype for all rows, ``s = 2 |scale|``. Otherwise the scores are
+        scaled after the product (formulas.scaled)."""
+        s = 2.0 * abs(self.scale)
+        if s <= 1.0 or q.numel() == 0 or k.numel() == 0:
+            # |s * x| <= |x| for every partial sum: no overflow where q @ k^T has none (the
+            # usual 1/sqrt(d), d >= 4, needs no look at the data, and no sync).
             return True
         top = torch.finfo(self.compute).max / 4
         # In the compute dtype but without a converted copy of q or k.
         big_q = torch.linalg.vector_norm(q, dim=-1, dtype=self.compute).amax().item()
         big_k = torch.linalg.vector_norm(k, dim=-1, dtype=self.compute).amax().item()
-        s = abs(self.scale)
         return s * max(big_q, big_k, 1.0) <= top and s * big_q * big_k <= top
 
     def tiles(self) -> Iterator[_Tile]:
@@ -441,7 +449,7 @@ def forward(
             out = None
             if decode:
                 x = torch.matmul(q3[t.batch, t.rows], k3[t.batch, t.cols].mT)
-                block = scaled(x.float(), scale).tanh_()
+                block = scaled_tanh_(x.float(), scale)
                 keep_block_(block, causal_diagonal=t.causal_diagonal, attn_mask=p.mask_block(t))
                 drop = p.dropout_block(dropout, t)
                 if drop is not None:

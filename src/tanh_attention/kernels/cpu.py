@@ -17,6 +17,16 @@ group per problem): one oneDNN call for the whole batch, where a matrix product 
 would cost a Python and oneDNN call each, and ``torch.bmm`` followed by ``torch.tanh_`` pays
 the slow tanh (``benchmarks/RESULTS.md``, "Many small problems").
 
+Where both ``torch.tanh`` and oneDNN's tanh are slow (an AMD EPYC with AVX2 only: 3.5 ns an
+entry for either, ``torch.sigmoid`` 1 ns), float32 blocks take ``2 * sigmoid(2x) - 1``
+(method ``"sigmoid"``): ``x`` is scaled by twice the scale where it is scaled anyway, and
+one ``sigmoid_`` and one fused multiply-add follow the product. Its error is absolute, at
+most ``SIGMOID_MAX_ERROR = 2**-22`` (measured: 3 * 2**-24), where the other two are within 4
+ulp of tanh: near 0 that is the error the float32 product already has for scores of unit
+size, but scores far below 1 (all of q or k tiny) lose their relative accuracy. So it runs
+only where the timing probe finds it clearly faster than both (``_SIGMOID_MIN_SPEEDUP``), and
+``TANH_ATTENTION_CPU_TANH=torch`` keeps relative accuracy at any speed.
+
 The oneDNN paths are taken only where a probe on first use shows they run and are accurate
 for the dtype (float32, and bfloat16 where the CPU supports it), and, for float32 and the
 grouped convolution, that they are faster here: whether oneDNN's epilogue beats
@@ -25,7 +35,8 @@ costs more than the products; on an Intel Xeon with AVX-512 and AMX it costs 0.3
 entry and ``torch.matmul`` + ``tanh_`` is the faster), so one timing probe per process
 decides, on a block of the kernels' usual size. Otherwise a block is computed with
 ``torch.matmul`` (and ``torch.tanh_``). :func:`tanh_method` says which one runs, and why;
-``TANH_ATTENTION_CPU_TANH=onednn`` or ``=torch`` skips the timing (accuracy still decides).
+``TANH_ATTENTION_CPU_TANH=onednn``, ``=sigmoid`` or ``=torch`` skips the timing (accuracy
+still decides).
 
 The accumulating products ``acc += alpha * x @ y`` of one-problem blocks (``o += a @ v`` and
 the backward's three gradient products, :func:`add_product_`) follow the same rule with a
@@ -53,9 +64,11 @@ __all__ = [
     "FUSED_MIN_ENTRIES",
     "PRODUCT_MIN_COLS",
     "PRODUCT_MIN_ENTRIES",
+    "SIGMOID_MAX_ERROR",
     "add_product_",
     "matmul_t",
     "product_method",
+    "scaled_tanh_",
     "scores_tanh",
     "tanh_method",
 ]
@@ -74,6 +87,16 @@ def _ulp_error(got: Tensor, x: Tensor) -> Tensor:
     spacing = torch.nextafter(magnitude, torch.tensor(float("inf"))) - magnitude
     return (got.double() - exact).abs() / spacing.double()
 
+
+# The "sigmoid" method's promise: |2 * sigmoid(2x) - 1 - tanh(x)| <= this for every float32 x
+# (sigmoid's rounding near 1/2, doubled). The probe checks it on this machine's sigmoid.
+SIGMOID_MAX_ERROR = 2.0**-22
+# ... and it must beat the faster of the accurate methods by this factor: where they are
+# about as fast, relative accuracy near 0 is worth more than the difference.
+_SIGMOID_MIN_SPEEDUP = 1.25
+# -1 as a tensor: 2 * s - 1 is then one pass, torch.add(-1, s, alpha=2) (s.mul_(2).sub_(1)
+# is two: 44 against 19 us on a 256 x 512 block).
+_MINUS_ONE = torch.tensor(-1.0)
 
 # Blocks with fewer score entries than this take torch.matmul and tanh_: below it a oneDNN
 # call costs more than its fused tanh saves (measured: 32 x 32 scores, d = 64, 15 us by oneDNN,
@@ -190,41 +213,80 @@ def _grouped_reason(dtype: torch.dtype) -> str | None:
 _CHOICE_ENV = "TANH_ATTENTION_CPU_TANH"
 
 
-def _best_us(run: Callable[[], object], other: Callable[[], object]) -> tuple[float, float]:
-    """The best of 7 timings of each of two candidates, taking turns (after a warm-up), in us."""
-    best = [float("inf"), float("inf")]
+def _best_us(*candidates: Callable[[], object]) -> list[float]:
+    """The best of 7 timings of each candidate, taking turns (after a warm-up), in us."""
+    best = [float("inf")] * len(candidates)
     for _ in range(2):
-        run(), other()
+        for candidate in candidates:
+            candidate()
     for _ in range(7):
-        for i, candidate in enumerate((run, other)):
+        for i, candidate in enumerate(candidates):
             start = time.perf_counter()
             candidate()
             best[i] = min(best[i], time.perf_counter() - start)
-    return best[0] * 1e6, best[1] * 1e6
+    return [b * 1e6 for b in best]
+
+
+_METHODS = ("onednn", "sigmoid", "torch")
 
 
 def _forced() -> str | None:
-    """The method ``TANH_ATTENTION_CPU_TANH`` forces (``onednn`` or ``torch``), or None."""
+    """The method ``TANH_ATTENTION_CPU_TANH`` forces (one of ``_METHODS``), or None."""
     value = os.environ.get(_CHOICE_ENV, "auto").strip().lower()
-    if value not in ("auto", "onednn", "torch"):
-        raise ValueError(f"{_CHOICE_ENV} must be 'auto', 'onednn' or 'torch', but got {value!r}.")
+    if value != "auto" and value not in _METHODS:
+        raise ValueError(
+            f"{_CHOICE_ENV} must be 'auto', 'onednn', 'sigmoid' or 'torch', but got {value!r}."
+        )
     return None if value == "auto" else value
 
 
+def _tanh_from_sigmoid_(x: Tensor) -> Tensor:
+    """In place: ``tanh(x / 2)`` as ``2 * sigmoid(x) - 1`` (callers pass twice the scores)."""
+    return torch.add(_MINUS_ONE, x.sigmoid_(), alpha=2, out=x)
+
+
 @functools.cache
-def _onednn_speed(dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether oneDNN's fused tanh is the faster method for ``dtype`` here, and the figures.
-    bfloat16 always takes it where it is accurate (its blocks stay bfloat16, see blockwise);
-    float32 is timed on a 256 x 512 block, d = 64."""
+def _sigmoid_reason(dtype: torch.dtype) -> str | None:
+    """Why ``2 * sigmoid(2x) - 1`` cannot serve ``dtype`` here, or None if it can: it is
+    used for float32 only, and only if this machine's sigmoid keeps SIGMOID_MAX_ERROR."""
+    if dtype != torch.float32:
+        return f"2 * sigmoid(2x) - 1 is used for float32 only, not {dtype}"
+    x = torch.cat([_probe_points(), torch.linspace(-10.0, 10.0, _PROBE_POINTS)])
+    got = _tanh_from_sigmoid_(2.0 * x)
+    worst = (got.double() - torch.tanh(x.double())).abs().max().item()
+    if worst > SIGMOID_MAX_ERROR:
+        return f"2 * sigmoid(2x) - 1 is {worst:.2g} off here (limit 2**-22)"
+    return None
+
+
+@functools.cache
+def _timed_choice(dtype: torch.dtype) -> tuple[str, str]:
+    """The method the timing probe picks for ``dtype`` here, and the figures.
+
+    float32 is timed on a 256 x 512 block, d = 64: the faster of oneDNN's fused tanh (where
+    accurate) and ``torch.tanh_``, or ``"sigmoid"`` where it beats that one by
+    ``_SIGMOID_MIN_SPEEDUP``. bfloat16 is not timed: it takes oneDNN where it is accurate (its
+    blocks stay bfloat16, see blockwise). :func:`tanh_method` then applies accuracy."""
     forced = _forced()
     if forced is not None:
-        return forced == "onednn", f"{_CHOICE_ENV}={forced}"
+        return forced, f"{_CHOICE_ENV}={forced}"
     if dtype != torch.float32:
-        return True, "not timed for this dtype"
+        return "onednn", "not timed for this dtype"
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 256, 64, generator=gen), torch.randn(512, 64, generator=gen)
-    fused, plain = _best_us(lambda: _onednn(q, k, "tanh"), lambda: torch.matmul(q, k.mT).tanh_())
-    return fused < plain, f"timed here: {fused:.0f} us fused, {plain:.0f} us by torch"
+    candidates: dict[str, Callable[[], object]] = {
+        "torch": lambda: torch.matmul(q, k.mT).tanh_()
+    }
+    if _onednn_reason(dtype) is None:
+        candidates["onednn"] = lambda: _onednn(q, k, "tanh")
+    if _sigmoid_reason(dtype) is None:
+        candidates["sigmoid"] = lambda: _tanh_from_sigmoid_(torch.matmul(2.0 * q, k.mT))
+    us = dict(zip(candidates, _best_us(*candidates.values()), strict=True))
+    choice = min((m for m in us if m != "sigmoid"), key=us.__getitem__)
+    if "sigmoid" in us and us["sigmoid"] * _SIGMOID_MIN_SPEEDUP < us[choice]:
+        choice = "sigmoid"
+    labels = {"onednn": "fused", "torch": "by torch", "sigmoid": "by sigmoid"}
+    return choice, "timed here: " + ", ".join(f"{us[m]:.0f} us {labels[m]}" for m in us)
 
 
 @functools.cache
@@ -246,8 +308,10 @@ def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple
     """Which method :func:`scores_tanh` uses for ``dtype`` on ``device``, and why.
 
     Returns:
-        ``("onednn", reason)`` for oneDNN's matmul with a fused tanh epilogue, or
-        ``("torch", reason)`` for ``torch.matmul`` followed by ``torch.tanh_``.
+        ``("onednn", reason)`` for oneDNN's matmul with a fused tanh epilogue,
+        ``("sigmoid", reason)`` for ``torch.matmul`` followed by ``2 * sigmoid(2x) - 1``
+        (float32 only; absolute error at most ``SIGMOID_MAX_ERROR``), or ``("torch",
+        reason)`` for ``torch.matmul`` followed by ``torch.tanh_``.
 
     Example:
         >>> method, why = tanh_method(torch.float64)
@@ -256,13 +320,20 @@ def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple
     """
     if torch.device(device).type != "cpu":
         return "torch", "the fused oneDNN kernel is used on CPU only"
-    reason = _onednn_reason(dtype)
-    if reason is not None:
-        return "torch", reason
-    faster, figures = _onednn_speed(dtype)
-    if faster:
+    choice, figures = _timed_choice(dtype)
+    onednn = _onednn_reason(dtype)
+    if choice == "onednn" and onednn is None:
         return "onednn", f"oneDNN applies tanh in its matmul epilogue (runs, accurate; {figures})"
-    return "torch", f"oneDNN's fused tanh runs and is accurate, but is slower here ({figures})"
+    if choice == "sigmoid" and _sigmoid_reason(dtype) is None:
+        return "sigmoid", (
+            "2 * sigmoid(2x) - 1 after torch.matmul: the fastest here, absolute error at most "
+            f"2**-22 ({figures})"
+        )
+    # torch.tanh_: chosen, or the forced (or bfloat16's) method cannot serve dtype here.
+    unused = onednn if choice != "sigmoid" else _sigmoid_reason(dtype)
+    if choice == "torch" and onednn is None:
+        unused = "oneDNN's fused tanh runs and is accurate, but is slower here"
+    return "torch", f"torch.matmul and torch.tanh_; {unused} ({figures})"
 
 
 def _fused(x: Tensor, y: Tensor) -> bool:
@@ -390,7 +461,9 @@ def scores_tanh(
         True
     """
     if not prescale:
-        return _into(out, scaled(torch.matmul(q, k.mT), scale).tanh_())
+        return _into(out, scaled_tanh_(torch.matmul(q, k.mT), scale))
+    if tanh_method(q.dtype, q.device)[0] == "sigmoid":
+        return _tanh_from_sigmoid_(_matmul_into(q * (2.0 * scale), k, out))
     qs = q * scale if scale != 1.0 else q
     if _fused(qs, k):
         # oneDNN is fast on dense operands only: a stride-0 or permuted block (an expanded
@@ -398,9 +471,23 @@ def scores_tanh(
         return _into(out, _onednn(qs.contiguous(), k[0].contiguous(), "tanh"))
     if _grouped(qs, k):
         return _into(out, _onednn_grouped(qs, k, "tanh"))
+    return _matmul_into(qs, k, out).tanh_()
+
+
+def scaled_tanh_(x: Tensor, scale: float) -> Tensor:
+    """``tanh(scale * x)`` of a block of scores ``x`` by :func:`tanh_method`'s method for its
+    dtype (``torch.tanh_`` where that is oneDNN's, which needs the product), in ``x``'s memory
+    or a new tensor. A scale beyond the dtype's range saturates (``formulas.scaled``)."""
+    if tanh_method(x.dtype, x.device)[0] == "sigmoid":
+        return _tanh_from_sigmoid_(scaled(x, 2.0 * scale))
+    return scaled(x, scale).tanh_()
+
+
+def _matmul_into(q: Tensor, k: Tensor, out: Tensor | None) -> Tensor:
+    """``q @ k^T`` (k ``(1, m, d)`` shared or ``(G, m, d)``), in ``out`` if given."""
     if out is None:
-        return torch.matmul(qs, k.mT).tanh_()
-    return torch.matmul(qs, k.expand(qs.shape[0], -1, -1).mT, out=out).tanh_()
+        return torch.matmul(q, k.mT)
+    return torch.matmul(q, k.expand(q.shape[0], -1, -1).mT, out=out)
 
 
 def _into(out: Tensor | None, result: Tensor) -> Tensor:
