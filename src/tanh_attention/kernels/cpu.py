@@ -274,9 +274,7 @@ def _timed_choice(dtype: torch.dtype) -> tuple[str, str]:
         return "onednn", "not timed for this dtype"
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 256, 64, generator=gen), torch.randn(512, 64, generator=gen)
-    candidates: dict[str, Callable[[], object]] = {
-        "torch": lambda: torch.matmul(q, k.mT).tanh_()
-    }
+    candidates: dict[str, Callable[[], object]] = {"torch": lambda: torch.matmul(q, k.mT).tanh_()}
     if _onednn_reason(dtype) is None:
         candidates["onednn"] = lambda: _onednn(q, k, "tanh")
     if _sigmoid_reason(dtype) is None:
