@@ -124,9 +124,9 @@ def attn(
             step with a KV cache).
         need_weights: return ``a``; with False the weights are returned as None and, on the
             backends that say ``memory_efficient``, not kept: the backward recomputes each
-            block of ``a``, so memory stays linear in n. (Short sequences, whose ``a`` is no
-            larger than q, k and v together, keep it in plain eager calls: faster, and at
-            most twice the inputs' memory.)
+            block of ``a``, so memory stays linear in n. (Short sequences, whose ``a`` is at
+            most twice the size of q, k and v together, keep it in plain eager calls:
+            faster, and at most three times the inputs' memory.)
         attn_mask: optional bool mask that broadcasts with ``(*batch, n, m)``; True = takes
             part (the convention of ``scaled_dot_product_attention``). Combined with
             ``causal`` the two intersect. Masked entries of ``a`` are exactly 0 with zero

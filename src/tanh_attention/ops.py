@@ -431,10 +431,13 @@ class _Eager(torch.autograd.Function):
     (``create_graph=True``) goes through the backward op, whose autograd formula is
     ``formulas.vjp_of_vjp``.
 
-    The o-only pair keeps ``a`` where a backward may follow and ``a`` is no larger than q, k
-    and v together (``n * m <= n * d + m * (d + e)``: short sequences), since recomputing it would
-    cost more than the composite's whole backward there; saved memory then stays within twice
-    the inputs' and linear in n. Longer sequences save nothing of size ``n x m``."""
+    The o-only pair keeps ``a`` where a backward may follow and ``a`` is at most twice the size
+    of q, k and v together (``n * m <= 2 * (n * d + m * (d + e))``: short sequences), since
+    recomputing it costs more than the composite's whole backward there (measured on the AVX2
+    AMD EPYC of benchmarks/RESULTS.md, 4 x 8 x 256 x 64, o-only forward+backward: 43.6 ms
+    recomputing, 36.1 keeping ``a``, 43.2 the composite; at n = 512 the two are equal); saved
+    memory then stays within three times the inputs'. Longer sequences save nothing of size
+    ``n x m``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -452,7 +455,7 @@ class _Eager(torch.autograd.Function):
         dropout_seed: Tensor | None,
     ) -> Any:
         n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-        short = n * m <= n * d + m * (d + e)
+        short = n * m <= 2 * (n * d + m * (d + e))
         keep = pair.weights or (short and backward)
         drop = _kernel_dropout(kernels, pair.forward._name, dropout_p, dropout_seed)
         o, a = kernels.forward(q, k, v, attn_mask, scale, causal, need_weights=keep, **drop)
