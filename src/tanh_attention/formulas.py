@@ -76,8 +76,8 @@ def keep(s: Tensor, *, causal: str, attn_mask: Tensor | None) -> Tensor:
     ``s`` is NaN or infinite.
     """
     diagonal = causal_diagonal(causal, s.shape[-2], s.shape[-1])
-    if diagonal is not None:
-        s = s.tril(diagonal)
+    if diagonal is not None and diagonal < s.shape[-1] - 1:  # (else it keeps every entry:
+        s = s.tril(diagonal)  # a decoding step's one query sees the whole cache)
     if attn_mask is not None:
         s = s.masked_fill(attn_mask.logical_not(), 0)
     return s
