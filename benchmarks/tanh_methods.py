@@ -11,7 +11,8 @@ from 0 to 10, both signs; the exact value is float64 tanh). The kernels must sta
 
 Candidates:
 - ``torch.tanh``: the reference, MKL's vectorized tanh on x86 (slow on AMD CPUs).
-- ``2*sigmoid(2x)-1``: fast, but relative accuracy is lost near 0.
+- ``2*sigmoid(2x)-1``: fast, but relative accuracy is lost near 0 (the kernels' "sigmoid"
+  method, ``kernels.cpu._tanh_from_sigmoid_``: sigmoid_ and one fused multiply-add).
 - ``expm1``: ``e / (e + 2)`` with ``e = expm1(2x)`` (x clamped to +-9): accurate, 4 passes.
 - ``rational``: Eigen's float tanh (a 13/6 rational function) as torch ops: ~20 passes.
 - ``onednn``: oneDNN's matmul with tanh in its epilogue (what the kernels use).
@@ -25,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from tanh_attention.kernels.cpu import _tanh_from_sigmoid_
 from tanh_attention.tools.bench import median_ms
 
 Method = Callable[[torch.Tensor], torch.Tensor]
@@ -66,7 +68,7 @@ def _onednn(x: torch.Tensor) -> torch.Tensor:
 def _candidates() -> dict[str, Method]:
     methods: dict[str, Method] = {
         "torch.tanh": torch.tanh,
-        "2*sigmoid(2x)-1": lambda x: torch.sigmoid(2 * x).mul_(2).sub_(1),
+        "2*sigmoid(2x)-1": lambda x: _tanh_from_sigmoid_(2 * x),
         "expm1": _expm1,
         "rational": _rational,
         "onednn": _onednn,

@@ -433,9 +433,10 @@ class _Eager(torch.autograd.Function):
 
     The o-only pair keeps ``a`` where a backward may follow and ``a`` is at most twice the size
     of q, k and v together (``n * m <= 2 * (n * d + m * (d + e))``: short sequences), since
-    recomputing it costs more than the composite's whole backward there (measured on the AVX2
-    AMD EPYC of benchmarks/RESULTS.md, 4 x 8 x 256 x 64, o-only forward+backward: 43.6 ms
-    recomputing, 36.1 keeping ``a``, 43.2 the composite; at n = 512 the two are equal); saved
+    recomputing it costs more than the composite's whole backward there (benchmarks/
+    small_problems.py; on the AVX2 AMD EPYC of benchmarks/RESULTS.md, 4 x 8 x 256 x 64, o-only
+    forward+backward: 43.6 ms recomputing, 36.1 keeping ``a``, 43.2 the composite; at n = 512
+    the two are within 8%); saved
     memory then stays within three times the inputs'. Longer sequences save nothing of size
     ``n x m``."""
 

@@ -65,10 +65,10 @@ __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
 BLOCK_ROWS = 512
 BLOCK_COLS = 1024
 # Problems of at most this many n * m entries are grouped, several per block, so that a
-# large batch of small problems is not one Python iteration per problem (measured on the
-# AVX2 AMD EPYC of benchmarks/RESULTS.md, 4 x 8 problems of 256 x 256, d = 64: forward 20.2
-# -> 15.5 ms grouped 8 to a block, with weights forward+backward 50 -> 41 ms; 512 x 512
-# problems gain nothing).
+# large batch of small problems is not one Python iteration per problem
+# (benchmarks/small_problems.py; on the AVX2 AMD EPYC of benchmarks/RESULTS.md, 4 x 8
+# problems of 256 x 256, d = 64: forward 23.0 -> 17.0 ms grouped 8 to a block, with weights
+# forward+backward 42.1 -> 34.8 ms; 512 x 512 problems gain little or lose).
 # (A block of several problems is one grouped oneDNN call, kernels/cpu.py.) With inputs
 # broadcast over the batch, grouping copies their blocks: then only much smaller problems.
 _SMALL = 65536

@@ -2,7 +2,8 @@
 
 Why tanh is its own kernel: on the CPUs this package is benchmarked on, ``torch.tanh`` costs
 more than the matrix products around it, and ``2 * sigmoid(2x) - 1`` is fast but loses all
-relative accuracy near 0 (tanh(1e-8) comes out as 0); ``benchmarks/tanh_methods.py`` measures
+relative accuracy near 0 (tanh(1e-8) comes out as 0: it is the last resort, see below);
+``benchmarks/tanh_methods.py`` measures
 the candidates and benchmarks/RESULTS.md holds the figures. oneDNN, which the x86 and
 aarch64 PyTorch wheels ship, can apply tanh in the epilogue of its matrix product while the
 scores are still in registers (``torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [],
