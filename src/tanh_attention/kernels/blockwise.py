@@ -299,15 +299,18 @@ class _Problem:
         self.skip = finite
 
     def prescale(self, q: Tensor, k: Tensor) -> bool:
-        """Whether ``(2 * scale * q) @ k^T`` cannot overflow where ``q @ k^T`` does not (the
-        "sigmoid" tanh scales by twice the scale, kernels/cpu.py): true when ``s * |q_i| *
-        |k_j|`` (which bounds every partial sum) and ``s * |q_i|``, ``s * |k_j|`` stay well
-        inside the compute dtype for all rows, ``s = 2 |scale|``. Otherwise the scores are
-        scaled after the product (formulas.scaled)."""
-        s = 2.0 * abs(self.scale)
+        """Whether ``(scale * q) @ k^T`` cannot overflow where ``q @ k^T`` does not, for
+        oneDNN's fused tanh, which needs q scaled before its product: true when ``s * |q_i|
+        * |k_j|`` (which bounds every partial sum) and ``s * |q_i|``, ``s * |k_j|`` stay well
+        inside the compute dtype for all rows, ``s = |scale|``. Otherwise the scores are
+        scaled after the product (formulas.scaled). The other tanh methods scale the
+        finished sums in the product itself (kernels/cpu.py): no question, no look."""
+        s = abs(self.scale)
+        if tanh_method(self.blocks, self.device)[0] != "onednn":
+            return True
         if s <= 1.0 or q.numel() == 0 or k.numel() == 0:
             # |s * x| <= |x| for every partial sum: no overflow where q @ k^T has none (the
-            # usual 1/sqrt(d), d >= 4, needs no look at the data, and no sync).
+            # usual 1/sqrt(d) needs no look at the data, and no sync).
             return True
         top = torch.finfo(self.compute).max / 4
         # In the compute dtype but without a converted copy of q or k.

@@ -20,8 +20,9 @@ the slow tanh (``benchmarks/RESULTS.md``, "Many small problems").
 
 Where both ``torch.tanh`` and oneDNN's tanh are slow (an AMD EPYC with AVX2 only: 3.5 ns an
 entry for either, ``torch.sigmoid`` 1 ns), float32 blocks take ``2 * sigmoid(2x) - 1``
-(method ``"sigmoid"``): ``x`` is scaled by twice the scale where it is scaled anyway, and
-one ``sigmoid_`` and one fused multiply-add follow the product. Its error is absolute, at
+(method ``"sigmoid"``): the product scales ``x`` by twice the scale as it stores it (BLAS's
+alpha, as it applies the scale for ``torch.tanh_``), and one ``sigmoid_`` and one fused
+multiply-add follow. Its error is absolute, at
 most ``SIGMOID_MAX_ERROR = 2**-22`` (measured: 3 * 2**-24), where the other two are within 4
 ulp of tanh: near 0 that is the error the float32 product already has for scores of unit
 size, but scores far below 1 (all of q or k tiny) lose their relative accuracy. So it runs
@@ -441,9 +442,10 @@ def scores_tanh(
         q: ``(G, n, d)`` queries of ``G`` problems.
         k: ``(G, m, d)`` or ``(1, m, d)`` keys (the latter shared by all ``G`` problems).
         scale: multiplies the scores.
-        prescale: scale q before the product (faster: tanh stays in oneDNN's epilogue). The
-            caller passes False where ``scale * q`` could overflow although ``q @ k^T`` does
-            not; then the product is scaled afterwards.
+        prescale: where oneDNN's fused tanh serves the block, scale q before the product
+            (tanh stays in oneDNN's epilogue). The caller passes False where ``scale * q``
+            could overflow although ``q @ k^T`` does not. The other methods scale the finished
+            sums in the product's epilogue either way (``_scaled_product``).
         out: None, or a contiguous ``(G, n, m)`` tensor of q's dtype to write the result
             into (and return).
 
@@ -459,18 +461,18 @@ def scores_tanh(
         >>> bool(torch.allclose(got, torch.tanh(0.5 * q @ k.mT), atol=1e-6))
         True
     """
-    if not prescale:
-        return _into(out, scaled_tanh_(torch.matmul(q, k.mT), scale))
-    if tanh_method(q.dtype, q.device)[0] == "sigmoid":
-        return _tanh_from_sigmoid_(_matmul_into(q * (2.0 * scale), k, out))
-    qs = q * scale if scale != 1.0 else q
-    if _fused(qs, k):
-        # oneDNN is fast on dense operands only: a stride-0 or permuted block (an expanded
-        # gradient, a sequence-first view) is made contiguous first (block-sized).
-        return _into(out, _onednn(qs.contiguous(), k[0].contiguous(), "tanh"))
-    if _grouped(qs, k):
-        return _into(out, _onednn_grouped(qs, k, "tanh"))
-    return _matmul_into(qs, k, out).tanh_()
+    method = tanh_method(q.dtype, q.device)[0]
+    if method == "onednn" and prescale:
+        qs = q * scale if scale != 1.0 else q
+        if _fused(qs, k):
+            # oneDNN is fast on dense operands only: a stride-0 or permuted block (an expanded
+            # gradient, a sequence-first view) is made contiguous first (block-sized).
+            return _into(out, _onednn(qs.contiguous(), k[0].contiguous(), "tanh"))
+        if _grouped(qs, k):
+            return _into(out, _onednn_grouped(qs, k, "tanh"))
+    if method == "sigmoid":
+        return _tanh_from_sigmoid_(_scaled_product(q, k, 2.0 * scale, out))
+    return _scaled_product(q, k, scale, out).tanh_()
 
 
 def scaled_tanh_(x: Tensor, scale: float) -> Tensor:
@@ -482,11 +484,24 @@ def scaled_tanh_(x: Tensor, scale: float) -> Tensor:
     return scaled(x, scale).tanh_()
 
 
-def _matmul_into(q: Tensor, k: Tensor, out: Tensor | None) -> Tensor:
-    """``q @ k^T`` (k ``(1, m, d)`` shared or ``(G, m, d)``), in ``out`` if given."""
+def _scaled_product(q: Tensor, k: Tensor, alpha: float, out: Tensor | None) -> Tensor:
+    """``alpha * q @ k^T`` (q ``(G or 1, n, d)``, k ``(G or 1, m, d)``), in ``out`` if given.
+
+    The product applies ``alpha`` as it stores its result (BLAS's alpha), so scaling costs no
+    pass over q or the scores, and it scales the finished sums as the composite does: a
+    score beyond the dtype's range is +-inf, which tanh saturates. An ``alpha`` beyond the
+    dtype's range goes through ``formulas.scaled`` (so that a zero score stays 0)."""
+    if abs(alpha) > torch.finfo(q.dtype).max:
+        return _into(out, scaled(torch.matmul(q, k.mT), alpha))
+    g, n, m = max(q.shape[0], k.shape[0]), q.shape[1], k.shape[1]
     if out is None:
-        return torch.matmul(q, k.mT)
-    return torch.matmul(q, k.expand(q.shape[0], -1, -1).mT, out=out)
+        out = torch.empty(g, n, m, dtype=q.dtype, device=q.device)
+    if k.shape[0] == 1 and q.is_contiguous():
+        # Shared keys: one (g * n) x m product instead of g small ones.
+        out.view(g * n, m).addmm_(q.view(g * n, -1), k[0].mT, beta=0.0, alpha=alpha)
+    else:
+        out.baddbmm_(q.expand(g, -1, -1), k.expand(g, -1, -1).mT, beta=0.0, alpha=alpha)
+    return out
 
 
 def _into(out: Tensor | None, result: Tensor) -> Tensor:
