@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 import tanh_attention
 from tanh_attention import ops
 from tanh_attention.kernels import blockwise, memory
+from tanh_attention.kernels import cpu as cpu_kernels
 
 # Large relative to the blocks, and not multiples of them.
 N = 3 * blockwise.BLOCK_ROWS + 37
@@ -131,6 +132,28 @@ def test_o_only_dropout_never_allocates_n_by_m(causal: str) -> None:
     with _Allocations() as composite:  # the check has teeth: the composite's mask is whole
         tanh_attention.attn(q, k, v, need_weights=False, dropout_p=0.3, backend="composite")
     assert composite.at_least(N * M) != []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_decoding_step_never_converts_the_cache_whole(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A half-precision decoding step whose products convert to float32 converts its keys
+    and values block by block, at most ``_CONVERTED_ENTRIES`` at a time, never the whole
+    cache (which would read and write it again)."""
+    monkeypatch.setattr(cpu_kernels, "_half_products_speed", lambda dtype: (False, "forced"))
+    limit = blockwise._CONVERTED_ENTRIES
+    cache = (2, 4, 2 * limit // (4 * 64), 64)  # k and v: twice the limit each
+    q = torch.randn(2, 4, 3, 64, dtype=dtype)
+    k, v = torch.randn(cache, dtype=dtype), torch.randn(cache, dtype=dtype)
+    with _Allocations() as step:
+        _public(q, k, v, causal="bottom_right")
+    assert len(step.sizes) > 10  # the mode saw the kernels
+    assert step.at_least(limit + 1) == []
+    monkeypatch.setattr(blockwise, "_FEW_ROWS", 0)  # the check has teeth: whole conversion
+    with _Allocations() as whole:
+        _public(q, k, v, causal="bottom_right")
+    assert whole.at_least(limit + 1) != []
 
 
 def test_recording_catches_an_n_by_m_tensor() -> None:

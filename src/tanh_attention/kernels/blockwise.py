@@ -51,6 +51,7 @@ from .blocks import forward_block_, jvp_block_, keep_block_, vjp_block_
 from .cpu import (
     FUSED_MIN_ENTRIES,
     add_product_,
+    few_rows_method,
     matmul_t,
     scaled_tanh_,
     scores_tanh,
@@ -76,8 +77,15 @@ _SMALL_SHARED = 16384
 # The dtype each input dtype is computed in, and the largest finite value of each.
 _COMPUTE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 _LARGEST = {dtype: torch.finfo(dtype).max for dtype in (torch.float32, torch.float64)}
-# Up to this many queries a bfloat16 forward reads K and V in bfloat16 (see forward).
+# Up to this many queries a bfloat16 or float16 forward reads K and V block by block in
+# their own dtype, never converting the whole cache (see forward and _Problem.decode) ...
 _FEW_ROWS = 16
+# ... and where its products convert each block to float32 first (kernels/cpu.py,
+# few_rows_method), a block's keys and values hold at most this many entries (8 MiB in
+# float32: 2 heads of 4096 keys at d = 128), so that the converted copies stay in the warm
+# heap and in cache (on the AVX2 AMD EPYC of benchmarks/RESULTS.md, 32 heads, 16 queries
+# against 4096 keys, d = 128: 18 ms two heads to a block, 24 ms all 32 in one).
+_CONVERTED_ENTRIES = 2**21
 # Calls with at most this many score entries in all run the formulas on whole tensors
 # (formulas.py: the composite's few aten calls, with the hand-derived VJP): there the cost
 # is per call, and the blocked drivers' own cost exceeds what blocks save. Where oneDNN's
@@ -126,6 +134,26 @@ class _Broadcast:
             self.full[self.problem.batch_index(b)][rest] for b in range(batch.start, batch.stop)
         ]
         return blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)
+
+
+class _Converted:
+    """Blocks copied into ``dtype`` in buffers that every block of a call reuses, one per
+    slot: a half-precision decoding step converts its keys and values block by block, and
+    the copies neither allocate nor fault in fresh memory per block (on the AVX2 AMD EPYC
+    of benchmarks/RESULTS.md, 32 heads, 16 bfloat16 queries against 4096 keys, d = 128:
+    20 ms with a new tensor per block, 16 ms reusing two buffers)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.buffers: dict[int, Tensor] = {}
+
+    def __call__(self, slot: int, block: Tensor) -> Tensor:
+        """``block`` in ``dtype``, in slot ``slot``'s buffer (valid until its next use)."""
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < block.numel():
+            buffer = torch.empty(block.numel(), dtype=self.dtype, device=block.device)
+            self.buffers[slot] = buffer
+        return buffer[: block.numel()].view(block.shape).copy_(block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +208,18 @@ class _Problem:
             and tanh_method(q.dtype, q.device)[0] == "onednn"
         )
         self.blocks = q.dtype if self.native else self.compute
+        # A bfloat16 or float16 decoding step (few queries, a long cache) is bound by
+        # reading K and V, so they are never converted whole: "native" products read them
+        # as they are, "float32" converts each block (cpu.few_rows_method says which; None:
+        # not such a call).
+        self.decode: str | None = None
+        if (
+            q.dtype in _COMPUTE
+            and self.compute == torch.float32
+            and not self.native
+            and self.n <= _FEW_ROWS
+        ):
+            self.decode = few_rows_method(q.dtype, q.device)[0]
         self.diagonal = causal_diagonal(causal, self.n, self.m)
         self.skip = self.diagonal is not None
         self.mask = None if attn_mask is None else attn_mask.expand(*self.batch, self.n, self.m)
@@ -201,6 +241,8 @@ class _Problem:
             # few blocks, not one Python iteration per 1024 keys.
             cols = max(BLOCK_COLS, (BLOCK_ROWS * BLOCK_COLS) // self.rows)
         self.cols = max(1, min(self.m, cols))
+        if self.decode == "float32":
+            self.cols = max(1, min(self.cols, _CONVERTED_ENTRIES // max(1, self.d + self.e)))
         entries = self.n * self.m
         whole = self.rows == self.n and self.cols == self.m
         # Grouping copies the blocks of broadcast inputs (keys shared by heads): only for
@@ -210,6 +252,9 @@ class _Problem:
             shared = any(math.prod(t.shape[:-2]) != self.size for t in (q, k, v))
             if entries < _SMALL_SHARED or not shared:
                 self.group = max(1, (BLOCK_ROWS * BLOCK_COLS) // entries)
+            if self.decode == "float32":
+                width = self.m * (self.d + self.e)
+                self.group = max(1, min(self.group, _CONVERTED_ENTRIES // max(1, width)))
         self.empty = self.size * entries == 0
         self._dropout_keys: tuple[Tensor, Tensor] | None = None
 
@@ -424,17 +469,14 @@ def forward(
     p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
     p.keep_skipping_if_finite(columns=[v])
     where = p.weights_index()
-    # A bfloat16 decoding step (few queries, a long cache) is bound by reading K and V:
-    # converting them to float32 would read and write them again, so its products read
-    # bfloat16 (accumulating in float32, as the composite's) and only the small blocks of
-    # scores and weights are float32.
-    decode = (
-        q.dtype == torch.bfloat16
-        and p.n <= _FEW_ROWS
-        and p.compute == torch.float32
-        and not p.native  # oneDNN's bf16 kernels with the fused tanh are faster still
-    )
-    native = decode or p.native
+    # A half-precision decoding step (few queries, a long cache) is bound by reading K and
+    # V: converting them whole to float32 would read and write them again. Where products
+    # in their dtype are fast ("native"), those read them as they are (accumulating in
+    # float32, as the composite's) and only the small blocks of scores and weights are
+    # float32; elsewhere ("float32") each block is converted as it is used.
+    decode = p.decode == "native"
+    convert = p.decode == "float32"
+    native = decode or convert or p.native
     drop_scale = 1.0 if dropout is None else dropout.scale
     whole = not decode and p.whole_rows
     o = p.zeros(p.n, p.e, written=whole)
@@ -451,6 +493,7 @@ def forward(
         assert q3 is not None and k3 is not None and v3 is not None
         o3, a3 = o.view(p.size, p.n, p.e), None if a is None else a.view(p.size, p.n, p.m)
         prescale = decode or p.prescale(q, k)  # the decoding path scales after the product
+        converted = _Converted(p.compute)
         for t in p.tiles():
             out = None
             if decode:
@@ -468,13 +511,19 @@ def forward(
                 if whole and a3 is not None and a3.dtype == p.blocks:
                     out = a3[t.batch, t.rows, t.cols]
                     out = out if out.is_contiguous() else None
-                block = scores_tanh(
-                    q3[t.batch, t.rows], k3[t.batch, t.cols], scale, prescale, out=out
+                q_block, k_block, v_block = (
+                    q3[t.batch, t.rows],
+                    k3[t.batch, t.cols],
+                    v3[t.batch, t.cols],
                 )
+                if convert:
+                    q_block = q_block.to(p.compute)
+                    k_block, v_block = converted(0, k_block), converted(1, v_block)
+                block = scores_tanh(q_block, k_block, scale, prescale, out=out)
                 forward_block_(
                     o3[t.batch, t.rows],
                     block,
-                    v3[t.batch, t.cols],
+                    v_block,
                     causal_diagonal=t.causal_diagonal,
                     attn_mask=p.mask_block(t),
                     dropout=p.dropout_block(dropout, t),
