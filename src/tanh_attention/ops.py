@@ -101,6 +101,14 @@ class OpPair:
         backward = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
         )
+        if not backward:
+            # Inference: no graph to record, so the kernels alone (an autograd.Function
+            # costs tens of microseconds a call, as much as a small attention).
+            drop = _kernel_dropout(kernels, self.forward._name, dropout_p, dropout_seed)
+            o, a = kernels.forward(
+                q, k, v, attn_mask, scale, causal, need_weights=self.weights, **drop
+            )
+            return (o, a) if self.weights else o
         return _Eager.apply(self, kernels, backward, *args)
 
 

@@ -36,8 +36,10 @@ computed in float64. Every returned tensor owns its memory (none is a view of a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -95,15 +97,12 @@ _PLAIN_MAX_ENTRIES = 65536
 
 def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: Dropout | None) -> bool:
     """Whether this call is small enough for the whole-tensor formulas (see above)."""
-    if dropout is not None or q.dtype not in (torch.float32, torch.float64):
+    if dropout is not None or q.dtype not in _LARGEST or abs(scale) > _LARGEST[q.dtype]:
         return False
-    if abs(scale) > _LARGEST[q.dtype]:
+    entries = max(math.prod(t.shape[:-2]) for t in (q, k, v)) * q.shape[-2] * k.shape[-2]
+    if entries > _PLAIN_MAX_ENTRIES:
         return False
-    batch = max(math.prod(t.shape[:-2]) for t in (q, k, v))
-    limit = _PLAIN_MAX_ENTRIES
-    if tanh_method(q.dtype, q.device)[0] == "onednn":
-        limit = min(limit, FUSED_MIN_ENTRIES)
-    return batch * q.shape[-2] * k.shape[-2] <= limit
+    return entries <= FUSED_MIN_ENTRIES or tanh_method(q.dtype, q.device)[0] != "onednn"
 
 
 def _owned(t: Tensor) -> Tensor:
@@ -134,6 +133,24 @@ class _Broadcast:
             self.full[self.problem.batch_index(b)][rest] for b in range(batch.start, batch.stop)
         ]
         return blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _without_grad(fn: _F) -> _F:
+    """``torch.no_grad()`` as a decorator, without its cost where grad is already off (the
+    ops call the kernels from autograd formulas and inference paths, where it is: entering
+    and leaving the context costs microseconds, a share of a small call)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]  # the same signature
 
 
 class _Converted:
@@ -428,7 +445,7 @@ class _Problem:
         return t if t._base is None else t.clone()
 
 
-@torch.no_grad()  # in-place block updates: not differentiable (see module doc)
+@_without_grad  # in-place block updates: not differentiable (see module doc)
 def forward(
     q: Tensor,
     k: Tensor,
@@ -548,7 +565,7 @@ def forward(
     return o.to(p.dtype), a
 
 
-@torch.no_grad()  # in-place block updates: not differentiable (see module doc)
+@_without_grad  # in-place block updates: not differentiable (see module doc)
 def backward(
     grad_o: Tensor | None,
     grad_a: Tensor | None,
@@ -671,7 +688,7 @@ def backward(
     )
 
 
-@torch.no_grad()  # in-place block updates: not differentiable (see module doc)
+@_without_grad  # in-place block updates: not differentiable (see module doc)
 def jvp(
     t_q: Tensor | None,
     t_k: Tensor | None,
