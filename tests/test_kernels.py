@@ -234,16 +234,18 @@ def test_zero_sizes(causal: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _record(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[Any, ...]]:
-    """Record the arguments of every call the kernels make to ``blockwise.<name>``."""
+def _record(
+    monkeypatch: pytest.MonkeyPatch, name: str, module: Any = blockwise
+) -> list[tuple[Any, ...]]:
+    """Record the arguments of every call the kernels make to ``module.<name>``."""
     calls: list[tuple[Any, ...]] = []
-    real = getattr(blockwise, name)
+    real = getattr(module, name)
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(blockwise, name, recording)
+    monkeypatch.setattr(module, name, recording)
     return calls
 
 
@@ -1067,10 +1069,14 @@ def test_small_calls_take_the_whole_tensor_formulas(
     causal: str,
     dtype: torch.dtype,
     monkeypatch: pytest.MonkeyPatch,
+    method: str,
 ) -> None:
     """Calls this small run formulas.py on whole tensors instead of the blocked drivers:
     the same results (against the float64 reference), from both paths, with and without a
-    saved a."""
+    saved a, with each tanh method (the whole-tensor path takes the kernels' tanh_, here
+    at every size)."""
+    monkeypatch.setattr(cpu_kernels, "_SIGMOID_MIN_ENTRIES", 0)
+    sigmoid_calls = _record(monkeypatch, "_tanh_from_sigmoid_", module=cpu_kernels)
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(q_shape, generator=gen), torch.randn(k_shape, generator=gen)
     v = torch.randn(*k_shape[:-1], 3, generator=gen)
@@ -1093,8 +1099,10 @@ def test_small_calls_take_the_whole_tensor_formulas(
     for limit, plain in ((blockwise._PLAIN_MAX_ENTRIES, True), (0, False)):
         monkeypatch.setattr(blockwise, "_PLAIN_MAX_ENTRIES", limit)
         calls.clear()
+        sigmoid_calls.clear()
         o, a = blockwise.forward(q, k, v, mask, scale, causal)
         assert bool(calls) == plain
+        assert bool(sigmoid_calls) == (method == "sigmoid" and dtype == torch.float32)
         assert a is not None and a._base is None and o._base is None
         torch.testing.assert_close(o.double(), o_ref, **tol)
         torch.testing.assert_close(a.double(), a_ref, **tol)

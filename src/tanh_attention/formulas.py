@@ -27,7 +27,7 @@ second tensor operand: under vmap that operand may be batched where the target i
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -119,6 +119,7 @@ def forward(
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed: Tensor | None = None,
+    tanh: Callable[[Tensor], Tensor] = torch.tanh,
 ) -> tuple[Tensor, Tensor]:
     """Forward: ``a = M * tanh(scale * q @ k^T + bias)``, ``o = dropout(a) @ v``.
 
@@ -137,6 +138,9 @@ def forward(
             one drawn from torch's generator, so ``torch.manual_seed`` fixes it).
         dropout_seed: the mask's seed, an int64 tensor (the same as the kernels': the same
             seed drops the same weights on every path).
+        tanh: computes tanh of the kept scores; the CPU kernels pass their own (in place,
+            by the fastest accurate method of the machine, ``kernels/cpu.py``) for the small
+            calls they run here without autograd.
 
     Returns:
         ``(o, a)`` with shapes ``(*batch, n, e)`` and ``(*weights_batch, n, m)``; ``a`` after
@@ -148,7 +152,7 @@ def forward(
     x = _scores(q, k, scale)
     if bias is not None:
         x = x + bias
-    a = keep(x, causal=causal, attn_mask=attn_mask).tanh()
+    a = tanh(keep(x, causal=causal, attn_mask=attn_mask))
     if dropout_p > 0.0:
         seed = dropout.draw_seed() if dropout_seed is None else dropout_seed
         kept = dropout.keep_mask(dropout_p, seed, a.shape, a.device)

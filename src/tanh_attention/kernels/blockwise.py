@@ -57,6 +57,7 @@ from .cpu import (
     matmul_t,
     scaled_tanh_,
     scores_tanh,
+    tanh_,
     tanh_method,
 )
 
@@ -481,7 +482,9 @@ def forward(
         True
     """
     if block_rows is None and block_cols is None and _plain(q, k, v, scale, dropout):
-        whole_o, whole_a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)
+        whole_o, whole_a = formulas.forward(
+            q, k, v, attn_mask, scale=scale, causal=causal, tanh=tanh_
+        )
         return _owned(whole_o), (_owned(whole_a) if need_weights else None)
     p = _Problem(q, k, v, attn_mask, scale, causal, block_rows, block_cols)
     p.keep_skipping_if_finite(columns=[v])
@@ -609,7 +612,7 @@ def backward(
         return None, None, None
     if block_rows is None and block_cols is None and _plain(q, k, v, scale, dropout):
         if a is None:
-            a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal)[1]
+            a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal, tanh=tanh_)[1]
         grads = formulas.vjp(
             grad_o, grad_a, q, k, v, a, attn_mask, scale=scale, causal=causal,
             needs=(need_q, need_k, need_v),

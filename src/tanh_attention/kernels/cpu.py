@@ -73,6 +73,7 @@ __all__ = [
     "product_method",
     "scaled_tanh_",
     "scores_tanh",
+    "tanh_",
     "tanh_method",
 ]
 
@@ -97,6 +98,11 @@ SIGMOID_MAX_ERROR = 2.0**-22
 # ... and it must beat the faster of the accurate methods by this factor: where they are
 # about as fast, relative accuracy near 0 is worth more than the difference.
 _SIGMOID_MIN_SPEEDUP = 1.25
+# ... and :func:`tanh_` takes it only from this many entries: it is three passes where
+# ``torch.tanh_`` is one, and below this their per-call cost exceeds what it saves (2 ns an
+# entry on the AVX2 AMD EPYC of benchmarks/RESULTS.md; 16 x 16 scores: 134 against 113 us
+# a whole 1 x 1 x 16 x 64 call).
+_SIGMOID_MIN_ENTRIES = 4096
 # -1 as a tensor: 2 * s - 1 is then one pass, torch.add(-1, s, alpha=2) (s.mul_(2).sub_(1)
 # is two: 44 against 19 us on a 256 x 512 block).
 _MINUS_ONE = torch.tensor(-1.0)
@@ -526,6 +532,22 @@ def scores_tanh(
     if method == "sigmoid":
         return _tanh_from_sigmoid_(_scaled_product(q, k, 2.0 * scale, out))
     return _scaled_product(q, k, scale, out).tanh_()
+
+
+def tanh_(x: Tensor) -> Tensor:
+    """In place: ``tanh(x)`` of finished scores by this machine's method for x's dtype
+    (:func:`tanh_method`): ``2 * sigmoid(2x) - 1`` where the probe chose it, else
+    ``torch.tanh_`` (oneDNN's tanh lives in its product's epilogue, not for finished scores).
+    For calls too small for blocks, which compute whole tensors (``formulas.forward``).
+
+    Example:
+        >>> x = torch.linspace(-3, 3, 7, dtype=torch.float64)
+        >>> bool(torch.allclose(tanh_(x.clone()), torch.tanh(x)))
+        True
+    """
+    if x.numel() >= _SIGMOID_MIN_ENTRIES and tanh_method(x.dtype, x.device)[0] == "sigmoid":
+        return _tanh_from_sigmoid_(x.mul_(2.0))
+    return x.tanh_()
 
 
 def scaled_tanh_(x: Tensor, scale: float) -> Tensor:
