@@ -17,7 +17,7 @@ with a fused tanh where available), and its products ``x @ y^T (+ c)`` from
 Calls with at most ``_PLAIN_MAX_ENTRIES`` score entries in all (float32, float64, no dropout)
 run ``formulas.forward`` / ``formulas.vjp`` on whole tensors instead: there the drivers' own
 cost exceeds what blocks save (benchmarks/RESULTS.md, "A second machine"); their ``a`` is
-at most that small.
+at most that small, and its tanh is the blocks' (``kernels.cpu.tanh_``).
 
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no
@@ -29,7 +29,9 @@ docs/derivation.md).
 Batch dimensions broadcast: inputs are flattened to ``(B, rows, features)`` over the batch
 shape of all inputs (copying only inputs that were broadcast), gradients are summed back to
 each input's shape, and ``a`` has the batch shape of q, k and the mask. bfloat16 and float16
-inputs are computed in float32 and rounded once at the end; a scale too large for float32 is
+inputs are computed in float32 and rounded once at the end (a decoding step's keys and
+values, few queries against a long cache, are converted block by block or read as they
+are, never converted whole: ``_Problem.decode``); a scale too large for float32 is
 computed in float64. Every returned tensor owns its memory (none is a view of a buffer).
 """
 

@@ -45,6 +45,11 @@ the backward's three gradient products, :func:`add_product_`) follow the same ru
 probe of their own: on the AMD EPYC of benchmarks/RESULTS.md ``torch.baddbmm`` runs MKL's
 float32 kernel at about 95 GFLOP/s where oneDNN's reaches 210 (MKL takes its AVX2 path on
 AMD CPUs), while on Intel MKL is the fast one. :func:`product_method` says which runs here.
+
+A third probe, :func:`few_rows_method`, decides how a bfloat16 or float16 decoding step (a
+few queries against a long cache) reads its keys and values: as they are, where products in
+that dtype are fast, or converted to float32 block by block, where they are not (a CPU
+without native bfloat16 runs them many times slower than float32 ones).
 """
 
 from __future__ import annotations

@@ -1,0 +1,86 @@
+"""Per-call cost at small shapes: ``tanh_attention.attn`` against the eager composite.
+
+    .venv/bin/python benchmarks/per_call.py [--threads 1] [--rounds 15]
+    PYTHONPATH=/path/to/other/checkout/src .venv/bin/python benchmarks/per_call.py
+
+At n <= 64 a call of either takes tens to hundreds of microseconds, so what ours adds per
+call (validation, dispatch, the autograd node, the kernels' choices) decides the ratio. For
+each shape ``(B, H, n, d)`` (float32, n = m, scale ``1/sqrt(d)``, o only) it times forward
+alone (no grad) and forward+backward (``o.backward``), ours and the composite
+``tanh(q @ k^T * scale) @ v`` taking turns, and prints the best of ``--rounds`` samples of
+each (a sample is the mean of enough calls to last a few milliseconds). Run it from two
+checkouts in alternating processes (``PYTHONPATH``) to compare code versions on a noisy
+machine: the ratios to the composite, taken in the same process, are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+import tanh_attention
+
+SHAPES = [(1, 1, 16, 64), (64, 4, 16, 16), (64, 4, 32, 16), (8, 8, 64, 64)]
+
+
+def _best_us(functions: list[Callable[[], object]], rounds: int, calls: int) -> list[float]:
+    """The best per-call time of each function in microseconds, taking turns each round."""
+    for f in functions:
+        f()
+        f()
+    best = [float("inf")] * len(functions)
+    for _ in range(rounds):
+        for i, f in enumerate(functions):
+            start = time.perf_counter()
+            for _ in range(calls):
+                f()
+            best[i] = min(best[i], (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def _row(b: int, h: int, n: int, d: int, rounds: int) -> str:
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    g_o = torch.randn(b, h, n, d)
+    scale = d**-0.5
+
+    def ours_forward() -> None:
+        with torch.no_grad():
+            tanh_attention.attn(q, k, v, scale=scale, need_weights=False)
+
+    def composite_forward() -> None:
+        with torch.no_grad():
+            torch.tanh(q @ k.mT * scale) @ v
+
+    def ours_both() -> None:
+        o, _ = tanh_attention.attn(q, k, v, scale=scale, need_weights=False)
+        o.backward(g_o)
+
+    def composite_both() -> None:
+        (torch.tanh(q @ k.mT * scale) @ v).backward(g_o)
+
+    calls = max(5, 300 * 16384 // (b * h * n * n * d + 16384))
+    f, cf, fb, cfb = _best_us(
+        [ours_forward, composite_forward, ours_both, composite_both], rounds, calls
+    )
+    return (
+        f"{b}x{h} n={n} d={d}: forward {f:.0f} / {cf:.0f} us = {f / cf:.2f}x, "
+        f"fwd+bwd {fb:.0f} / {cfb:.0f} us = {fb / cfb:.2f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}; ours / composite, best of {args.rounds} rounds")
+    for shape in SHAPES:
+        print(_row(*shape, args.rounds), flush=True)
+
+
+if __name__ == "__main__":
+    main()
