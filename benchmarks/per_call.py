@@ -8,7 +8,9 @@ call (validation, dispatch, the autograd node, the kernels' choices) decides the
 each shape ``(B, H, n, d)`` (float32, n = m, scale ``1/sqrt(d)``, o only) it times forward
 alone (no grad) and forward+backward (``o.backward``), ours and the composite
 ``tanh(q @ k^T * scale) @ v`` taking turns, and prints the best of ``--rounds`` samples of
-each (a sample is the mean of enough calls to last a few milliseconds). Run it from two
+each (a sample is the mean of enough calls to last a few milliseconds). ``--decode M [M
+...]`` times float32 decoding steps instead: one query against M keys of 32 heads, d = 128,
+``causal="bottom_right"``, forward alone, with the best and the median. Run it from two
 checkouts in alternating processes (``PYTHONPATH``) to compare code versions on a noisy
 machine: the ratios to the composite, taken in the same process, are what to compare.
 """
@@ -16,6 +18,7 @@ machine: the ratios to the composite, taken in the same process, are what to com
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -71,13 +74,47 @@ def _row(b: int, h: int, n: int, d: int, rounds: int) -> str:
     )
 
 
+def _decode_row(m: int, rounds: int) -> str:
+    k, v = (torch.randn(32, 1, m, 128) for _ in range(2))
+    q = torch.randn(32, 1, 1, 128)
+    scale = 128**-0.5
+
+    def ours() -> None:
+        with torch.no_grad():
+            tanh_attention.attn(q, k, v, scale=scale, causal="bottom_right", need_weights=False)
+
+    def composite() -> None:
+        with torch.no_grad():
+            torch.tanh(q @ k.mT * scale) @ v
+
+    times: list[list[float]] = [[], []]
+    for f in (ours, composite):
+        f()
+        f()
+    for _ in range(rounds):
+        for i, f in enumerate((ours, composite)):
+            start = time.perf_counter()
+            f()
+            times[i].append((time.perf_counter() - start) * 1e6)
+    (o_best, o_median), (c_best, c_median) = ((min(t), statistics.median(t)) for t in times)
+    return (
+        f"decode n=1 m={m}: best {o_best:.0f} / {c_best:.0f} us = {o_best / c_best:.2f}x, "
+        f"median {o_median:.0f} / {c_median:.0f} us = {o_median / c_median:.2f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--decode", type=int, nargs="+", metavar="M", help="keys per step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}; ours / composite, best of {args.rounds} rounds")
+    print(f"threads {args.threads}; ours / composite, {args.rounds} rounds taking turns")
+    if args.decode:
+        for m in args.decode:
+            print(_decode_row(m, args.rounds), flush=True)
+        return
     for shape in SHAPES:
         print(_row(*shape, args.rounds), flush=True)
 
