@@ -701,7 +701,7 @@ def test_half_decoding_step(
         assert a is None
 
 
-@pytest.fixture(params=["onednn", "sigmoid", "torch"])
+@pytest.fixture(params=["onednn", "compiled", "sigmoid", "torch"])
 def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each block method, whichever the timing probe would pick on this machine (all must
     be right wherever they run; the probe only picks the faster)."""
@@ -750,7 +750,7 @@ def test_tanh_method_is_inspectable() -> None:
     method, why = cpu_kernels.tanh_method(F64)
     assert method == "torch" and "float64" in why
     method, why = cpu_kernels.tanh_method(torch.float32)
-    assert method in ("onednn", "sigmoid", "torch") and why
+    assert method in ("onednn", "compiled", "sigmoid", "torch") and why
     # The timing probe decided, and says so with its figures.
     assert "us by torch" in why, why
     if cpu_kernels._onednn_reason(torch.float32) is None:
@@ -758,7 +758,7 @@ def test_tanh_method_is_inspectable() -> None:
     assert cpu_kernels.tanh_method(torch.bfloat16)[0] != "sigmoid"  # float32 only
 
 
-@pytest.mark.parametrize("value", ["onednn", "sigmoid", "torch", "bogus"])
+@pytest.mark.parametrize("value", ["onednn", "compiled", "sigmoid", "torch", "bogus"])
 def test_tanh_method_can_be_forced(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANH_ATTENTION_CPU_TANH", value)
     cpu_kernels._timed_choice.cache_clear()
@@ -771,6 +771,7 @@ def test_tanh_method_can_be_forced(value: str, monkeypatch: pytest.MonkeyPatch) 
         reason = {
             "onednn": cpu_kernels._onednn_reason(torch.float32),
             "sigmoid": cpu_kernels._sigmoid_reason(torch.float32),
+            "compiled": cpu_kernels._compiled_reason(torch.float32),
             "torch": None,
         }[value]
         if reason is None:
@@ -1077,6 +1078,8 @@ def test_small_calls_take_the_whole_tensor_formulas(
     at every size)."""
     monkeypatch.setattr(cpu_kernels, "_SIGMOID_MIN_ENTRIES", 0)
     sigmoid_calls = _record(monkeypatch, "_tanh_from_sigmoid_", module=cpu_kernels)
+    compiled_calls = _record(monkeypatch, "tanh_", module=cpu_kernels.native)
+    compiled = cpu_kernels.tanh_method(torch.float32)[0] == "compiled"
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(q_shape, generator=gen), torch.randn(k_shape, generator=gen)
     v = torch.randn(*k_shape[:-1], 3, generator=gen)
@@ -1100,9 +1103,11 @@ def test_small_calls_take_the_whole_tensor_formulas(
         monkeypatch.setattr(blockwise, "_PLAIN_MAX_ENTRIES", limit)
         calls.clear()
         sigmoid_calls.clear()
+        compiled_calls.clear()
         o, a = blockwise.forward(q, k, v, mask, scale, causal)
         assert bool(calls) == plain
         assert bool(sigmoid_calls) == (method == "sigmoid" and dtype == torch.float32)
+        assert bool(compiled_calls) == (compiled and dtype == torch.float32)
         assert a is not None and a._base is None and o._base is None
         torch.testing.assert_close(o.double(), o_ref, **tol)
         torch.testing.assert_close(a.double(), a_ref, **tol)

@@ -1,6 +1,7 @@
-"""The tanh the kernels use stays within 4 float32 ulp of the exact tanh, or, by the
-"sigmoid" method (``2 * sigmoid(2x) - 1``, taken where it is much the faster), within
-``SIGMOID_MAX_ERROR`` of it (and 4 ulp where ``|tanh x| >= 1/2``).
+"""The tanh the kernels use stays within 4 float32 ulp of the exact tanh; by the "compiled"
+method (``kernels/tanh.c``) within ``native.MAX_ULP`` = 5 ulp and ``native.MAX_ERROR``
+absolutely; by the "sigmoid" method (``2 * sigmoid(2x) - 1``, taken where it is much the
+faster), within ``SIGMOID_MAX_ERROR`` of it (and 4 ulp where ``|tanh x| >= 1/2``).
 
 A dense sweep of float32 inputs: every 37th bit pattern from 0 up to 10 (past which tanh
 rounds to 1), about 227,000 per binade, so subnormals and tiny |x| are included (where
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from tanh_attention.kernels import cpu as cpu_kernels
+from tanh_attention.kernels import native
 
 MAX_ULP = 4.0
 _STRIDE = 37
@@ -63,6 +65,29 @@ def test_kernel_tanh_within_4_ulp_over_dense_float32_sweep(
     assert err[worst] <= MAX_ULP, f"{err[worst].item():.3g} ulp at x = {x[worst].item()!r}"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_method_within_its_bounds_over_dense_float32_sweep(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled tanh: within native.MAX_ULP ulp and native.MAX_ERROR absolutely, on one
+    thread and split between two (the same values either way)."""
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"the compiled tanh is unavailable here: {native.unavailable_reason()}")
+    _use("compiled", monkeypatch)
+    x = _sweep()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _kernel_tanh(x)
+    finally:
+        torch.set_num_threads(before)
+    err = _ulp_error(got, x)
+    worst = int(err.argmax())
+    assert err[worst] <= native.MAX_ULP, f"{err[worst].item():.3g} ulp at x = {x[worst].item()!r}"
+    absolute = (got.double() - torch.tanh(x.double())).abs().max().item()
+    assert absolute <= native.MAX_ERROR, absolute
+
+
 def test_sigmoid_method_within_its_absolute_bound_over_dense_float32_sweep(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -78,7 +103,7 @@ def test_sigmoid_method_within_its_absolute_bound_over_dense_float32_sweep(
     assert _ulp_error(got[far], x[far]).max() <= MAX_ULP
 
 
-@pytest.mark.parametrize("method", ["onednn", "sigmoid", "torch"])
+@pytest.mark.parametrize("method", ["onednn", "compiled", "sigmoid", "torch"])
 def test_special_values(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _use(method, monkeypatch)
     inf, nan = float("inf"), float("nan")
@@ -100,4 +125,4 @@ def test_sweep_catches_an_inaccurate_tanh() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_method_is_reported(dtype: torch.dtype) -> None:
     method, reason = cpu_kernels.tanh_method(dtype)
-    assert method in ("onednn", "sigmoid", "torch") and reason
+    assert method in ("onednn", "compiled", "sigmoid", "torch") and reason

@@ -65,7 +65,7 @@ from torch import Tensor
 
 from .._torch_private import linear_pointwise
 from ..formulas import scaled
-from . import blocks
+from . import blocks, native
 
 __all__ = [
     "FUSED_MIN_ENTRIES",
@@ -241,7 +241,7 @@ def _best_us(*candidates: Callable[[], object]) -> list[float]:
     return [b * 1e6 for b in best]
 
 
-_METHODS = ("onednn", "sigmoid", "torch")
+_METHODS = ("onednn", "compiled", "sigmoid", "torch")
 
 
 def _forced() -> str | None:
@@ -249,7 +249,8 @@ def _forced() -> str | None:
     value = os.environ.get(_CHOICE_ENV, "auto").strip().lower()
     if value != "auto" and value not in _METHODS:
         raise ValueError(
-            f"{_CHOICE_ENV} must be 'auto', 'onednn', 'sigmoid' or 'torch', but got {value!r}."
+            f"{_CHOICE_ENV} must be 'auto', 'onednn', 'compiled', 'sigmoid' or 'torch', but "
+            f"got {value!r}."
         )
     return None if value == "auto" else value
 
@@ -273,14 +274,36 @@ def _sigmoid_reason(dtype: torch.dtype) -> str | None:
     return None
 
 
+def _compiled_reason(dtype: torch.dtype) -> str | None:
+    """Why the compiled tanh (``native.py``) cannot serve ``dtype`` here, or None if it can."""
+    if dtype != torch.float32:
+        return f"the compiled tanh is float32 only, not {dtype}"
+    return native.unavailable_reason()
+
+
+def _compiled_tanh_(x: Tensor, scale: float = 1.0) -> Tensor:
+    """In place: ``tanh(scale * x)`` by the compiled kernel, where it takes x's layout (else
+    ``torch.tanh_``, as accurate); a scale beyond float32's range goes through
+    ``formulas.scaled`` (so that a zero score stays 0)."""
+    if abs(scale) > _FLOAT32_MAX:
+        x, scale = scaled(x, scale), 1.0
+    if native.takes(x):
+        return native.tanh_(x, scale)
+    return scaled(x, scale).tanh_()  # a layout it does not walk: rare, and as accurate
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 @functools.cache
 def _timed_choice(dtype: torch.dtype) -> tuple[str, str]:
     """The method the timing probe picks for ``dtype`` here, and the figures.
 
-    float32 is timed on a 256 x 512 block, d = 64: the faster of oneDNN's fused tanh (where
-    accurate) and ``torch.tanh_``, or ``"sigmoid"`` where it beats that one by
-    ``_SIGMOID_MIN_SPEEDUP``. bfloat16 is not timed: it takes oneDNN where it is accurate (its
-    blocks stay bfloat16, see blockwise). :func:`tanh_method` then applies accuracy."""
+    float32 is timed on a 256 x 512 block, d = 64: the fastest of oneDNN's fused tanh (where
+    accurate), the compiled tanh (where it builds and is accurate) and ``torch.tanh_``, or
+    ``"sigmoid"`` where it beats that one by ``_SIGMOID_MIN_SPEEDUP``. bfloat16 is not timed:
+    it takes oneDNN where it is accurate (its blocks stay bfloat16, see blockwise).
+    :func:`tanh_method` then applies accuracy."""
     forced = _forced()
     if forced is not None:
         return forced, f"{_CHOICE_ENV}={forced}"
@@ -291,13 +314,20 @@ def _timed_choice(dtype: torch.dtype) -> tuple[str, str]:
     candidates: dict[str, Callable[[], object]] = {"torch": lambda: torch.matmul(q, k.mT).tanh_()}
     if _onednn_reason(dtype) is None:
         candidates["onednn"] = lambda: _onednn(q, k, "tanh")
+    if _compiled_reason(dtype) is None:
+        candidates["compiled"] = lambda: _compiled_tanh_(torch.matmul(q, k.mT))
     if _sigmoid_reason(dtype) is None:
         candidates["sigmoid"] = lambda: _tanh_from_sigmoid_(torch.matmul(2.0 * q, k.mT))
     us = dict(zip(candidates, _best_us(*candidates.values()), strict=True))
     choice = min((m for m in us if m != "sigmoid"), key=us.__getitem__)
     if "sigmoid" in us and us["sigmoid"] * _SIGMOID_MIN_SPEEDUP < us[choice]:
         choice = "sigmoid"
-    labels = {"onednn": "fused", "torch": "by torch", "sigmoid": "by sigmoid"}
+    labels = {
+        "onednn": "fused",
+        "torch": "by torch",
+        "compiled": "compiled",
+        "sigmoid": "by sigmoid",
+    }
     return choice, "timed here: " + ", ".join(f"{us[m]:.0f} us {labels[m]}" for m in us)
 
 
@@ -321,9 +351,11 @@ def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple
 
     Returns:
         ``("onednn", reason)`` for oneDNN's matmul with a fused tanh epilogue,
-        ``("sigmoid", reason)`` for ``torch.matmul`` followed by ``2 * sigmoid(2x) - 1``
-        (float32 only; absolute error at most ``SIGMOID_MAX_ERROR``), or ``("torch",
-        reason)`` for ``torch.matmul`` followed by ``torch.tanh_``.
+        ``("compiled", reason)`` for ``torch.matmul`` followed by the compiled tanh of
+        ``native.py`` (float32 only; within ``native.MAX_ULP`` ulp), ``("sigmoid", reason)``
+        for ``torch.matmul`` followed by ``2 * sigmoid(2x) - 1`` (float32 only; absolute
+        error at most ``SIGMOID_MAX_ERROR``), or ``("torch", reason)`` for ``torch.matmul``
+        followed by ``torch.tanh_``.
 
     Example:
         >>> method, why = tanh_method(torch.float64)
@@ -336,13 +368,23 @@ def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple
     onednn = _onednn_reason(dtype)
     if choice == "onednn" and onednn is None:
         return "onednn", f"oneDNN applies tanh in its matmul epilogue (runs, accurate; {figures})"
+    if choice == "compiled" and _compiled_reason(dtype) is None:
+        return "compiled", (
+            "the compiled tanh (kernels/tanh.c) after torch.matmul: the fastest here, within "
+            f"{native.MAX_ULP:g} ulp ({figures})"
+        )
     if choice == "sigmoid" and _sigmoid_reason(dtype) is None:
         return "sigmoid", (
             "2 * sigmoid(2x) - 1 after torch.matmul: the fastest here, absolute error at most "
             f"2**-22 ({figures})"
         )
     # torch.tanh_: chosen, or the forced (or bfloat16's) method cannot serve dtype here.
-    unused = onednn if choice != "sigmoid" else _sigmoid_reason(dtype)
+    if choice == "sigmoid":
+        unused = _sigmoid_reason(dtype)
+    elif choice == "compiled":
+        unused = _compiled_reason(dtype)
+    else:
+        unused = onednn
     if choice == "torch" and onednn is None:
         unused = "oneDNN's fused tanh runs and is accurate, but is slower here"
     return "torch", f"torch.matmul and torch.tanh_; {unused} ({figures})"
@@ -536,6 +578,8 @@ def scores_tanh(
             return _into(out, _onednn_grouped(qs, k, "tanh"))
     if method == "sigmoid":
         return _tanh_from_sigmoid_(_scaled_product(q, k, 2.0 * scale, out))
+    if method == "compiled":
+        return _compiled_tanh_(_scaled_product(q, k, scale, out))
     return _scaled_product(q, k, scale, out).tanh_()
 
 
@@ -550,7 +594,10 @@ def tanh_(x: Tensor) -> Tensor:
         >>> bool(torch.allclose(tanh_(x.clone()), torch.tanh(x)))
         True
     """
-    if x.numel() >= _SIGMOID_MIN_ENTRIES and tanh_method(x.dtype, x.device)[0] == "sigmoid":
+    method = tanh_method(x.dtype, x.device)[0]
+    if method == "compiled":
+        return _compiled_tanh_(x)
+    if method == "sigmoid" and x.numel() >= _SIGMOID_MIN_ENTRIES:
         return _tanh_from_sigmoid_(x.mul_(2.0))
     return x.tanh_()
 
@@ -559,7 +606,10 @@ def scaled_tanh_(x: Tensor, scale: float) -> Tensor:
     """``tanh(scale * x)`` of a block of scores ``x`` by :func:`tanh_method`'s method for its
     dtype (``torch.tanh_`` where that is oneDNN's, which needs the product), in ``x``'s memory
     or a new tensor. A scale beyond the dtype's range saturates (``formulas.scaled``)."""
-    if tanh_method(x.dtype, x.device)[0] == "sigmoid":
+    method = tanh_method(x.dtype, x.device)[0]
+    if method == "compiled":
+        return _compiled_tanh_(x, scale)
+    if method == "sigmoid":
         return _tanh_from_sigmoid_(scaled(x, 2.0 * scale))
     return scaled(x, scale).tanh_()
 

@@ -1,0 +1,166 @@
+"""The compiled tanh (``kernels/native.py``, ``kernels/tanh.c``): how it is built, cached and
+checked, the layouts and threads it takes, and that the kernels fall back cleanly wherever it
+cannot be built. Its accuracy over every float32 input: ``test_tanh_accuracy.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import tanh_attention
+from tanh_attention.kernels import cpu as cpu_kernels
+from tanh_attention.kernels import native
+
+needs_compiled = pytest.mark.skipif(
+    native.unavailable_reason() is not None,
+    reason=f"the compiled tanh is unavailable here: {native.unavailable_reason()}",
+)
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A process that has not loaded the kernel yet, with an empty cache at the returned
+    path; afterwards the real kernel and the real probe come back."""
+    monkeypatch.setenv("TANH_ATTENTION_CACHE", str(tmp_path))
+    native._load.cache_clear()
+    cpu_kernels._timed_choice.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    native._load.cache_clear()
+    cpu_kernels._timed_choice.cache_clear()
+
+
+def _attention_is_right() -> None:
+    """A blocked float32 call (large enough for the kernels' blocks) matches float64."""
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    o, a = tanh_attention.attn(q, k, v, scale=0.25, causal=True)
+    a_ref = torch.tanh(0.25 * q.double() @ k.double().mT).tril()
+    torch.testing.assert_close(a.double(), a_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(o.double(), a_ref @ v.double(), rtol=0, atol=1e-4)
+
+
+def _falls_back(reason_part: str) -> None:
+    why = native.unavailable_reason()
+    assert why is not None and reason_part in why, why
+    method, reason = cpu_kernels.tanh_method(torch.float32)
+    assert method != "compiled" and reason
+    with pytest.raises(RuntimeError, match="compiled tanh is unavailable"):
+        native.tanh_(torch.ones(3))
+    _attention_is_right()
+
+
+def test_without_a_compiler_the_kernels_fall_back(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(fresh))  # an empty directory: no cc, gcc or clang
+    _falls_back("no C compiler")
+
+
+def test_a_failing_compiler_falls_back(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = fresh / "broken-cc"
+    script.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    _falls_back("the C compiler failed")
+    assert "cannot compile" in str(native.unavailable_reason())
+    assert not list(fresh.glob("*.so")), "a failed build left a file behind"
+
+
+def test_it_can_be_turned_off(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANH_ATTENTION_NO_COMPILE", "1")
+    _falls_back("TANH_ATTENTION_NO_COMPILE")
+    assert not list(fresh.iterdir())
+
+
+@needs_compiled
+def test_an_inaccurate_build_is_refused(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load-time check has teeth: ask for 0.5 ulp, which the kernel does not give."""
+    monkeypatch.setattr(native, "MAX_ULP", 0.5)
+    _falls_back("ulp off")
+
+
+@needs_compiled
+def test_it_is_built_once_into_the_cache(fresh: Path) -> None:
+    assert native.unavailable_reason() is None
+    built = list(fresh.glob("tanh-*.so"))
+    assert len(built) == 1 and list(fresh.iterdir()) == built  # no temporary file left
+    stamp = built[0].stat().st_mtime_ns
+    native._load.cache_clear()  # a new process: loads the cached build
+    assert native.unavailable_reason() is None
+    assert built[0].stat().st_mtime_ns == stamp and list(fresh.iterdir()) == built
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(5, 7, 9),  # contiguous
+        lambda: torch.randn(3, 5, 16)[:, :, 2:11],  # rows of a wider buffer
+        lambda: torch.randn(1, 6, 20)[:, 1:5, 3:9],  # one problem, strided rows
+        lambda: torch.randn(0, 4),  # empty
+    ],
+    ids=["contiguous", "strided_rows", "one_problem", "empty"],
+)
+@pytest.mark.parametrize("scale", [1.0, 0.3, -2.5])
+def test_layouts(make: object, scale: float) -> None:
+    x = make()  # type: ignore[operator]
+    base = x._base if x._base is not None else x
+    untouched = base.clone()
+    got = native.tanh_(x, scale)
+    assert got is x
+    want = torch.tanh(scale * untouched.double())
+    if x._base is not None:  # only the view's entries changed
+        inside = torch.zeros_like(base, dtype=torch.bool)
+        inside.as_strided(x.shape, x.stride(), x.storage_offset()).fill_(True)
+        assert torch.equal(base[~inside], untouched[~inside])
+        want = want.as_strided(x.shape, x.stride(), x.storage_offset())
+    torch.testing.assert_close(x.double(), want, rtol=0, atol=native.MAX_ERROR)
+
+
+@needs_compiled
+def test_layouts_it_does_not_walk_are_refused_and_the_kernels_fall_back() -> None:
+    x = torch.randn(4, 6, 5).transpose(1, 2)  # rows not contiguous
+    assert not native.takes(x)
+    with pytest.raises(ValueError, match="strides"):
+        native.tanh_(x)
+    with pytest.raises(ValueError, match="float32"):
+        native.tanh_(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="scale"):
+        native.tanh_(torch.ones(3), 1e39)
+    want = torch.tanh(0.5 * x.double())
+    torch.testing.assert_close(cpu_kernels._compiled_tanh_(x, 0.5).double(), want)
+
+
+@needs_compiled
+def test_a_scale_beyond_float32_saturates_and_keeps_zeros() -> None:
+    """As formulas.scaled: 0 * huge stays 0, anything else saturates to +-1."""
+    x = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0])
+    got = cpu_kernels._compiled_tanh_(x.clone(), 1e300)
+    assert torch.equal(got, torch.tensor([0.0, 0.0, 1.0, -1.0, 1.0]))
+
+
+@needs_compiled
+@pytest.mark.parametrize("shape", [(70001,), (3, 300, 256)], ids=["span", "rows"])
+def test_two_threads_give_the_same_values(shape: tuple[int, ...]) -> None:
+    """Split between threads (past the kernel's 65536-entry threshold, sizes that do not
+    divide evenly), every entry is computed, once, as on one thread."""
+    base = torch.randn(shape) * 4
+
+    def run(threads: int) -> torch.Tensor:
+        x = base.clone()
+        torch.set_num_threads(threads)
+        return native.tanh_(x if len(shape) == 1 else x[:, :, 3:253], 0.7)
+
+    before = torch.get_num_threads()
+    try:
+        one, two = run(1), run(2)
+    finally:
+        torch.set_num_threads(before)
+    x = base if len(shape) == 1 else base[:, :, 3:253]
+    assert torch.equal(one, two)
+    assert not one.is_contiguous() or len(shape) == 1
+    torch.testing.assert_close(one.double(), torch.tanh(0.7 * x.double()), rtol=0, atol=2e-7)
