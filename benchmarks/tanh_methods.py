@@ -15,7 +15,9 @@ Candidates:
   method, ``kernels.cpu._tanh_from_sigmoid_``: sigmoid_ and one fused multiply-add).
 - ``expm1``: ``e / (e + 2)`` with ``e = expm1(2x)`` (x clamped to +-9): accurate, 4 passes.
 - ``rational``: Eigen's float tanh (a 13/6 rational function) as torch ops: ~20 passes.
-- ``onednn``: oneDNN's matmul with tanh in its epilogue (what the kernels use).
+- ``onednn``: oneDNN's matmul with tanh in its epilogue (the kernels' "onednn" method).
+- ``compiled``: ``kernels/tanh.c`` (the kernels' "compiled" method, in place; it promises
+  5 ulp, ``kernels/native.py``), where it builds here.
 - ``inductor``: ``torch.compile`` of ``torch.tanh`` (needs a C++ compiler at run time).
 """
 
@@ -26,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from tanh_attention.kernels import native
 from tanh_attention.kernels.cpu import _tanh_from_sigmoid_
 from tanh_attention.tools.bench import median_ms
 
@@ -73,6 +76,10 @@ def _candidates() -> dict[str, Method]:
         "rational": _rational,
         "onednn": _onednn,
     }
+    if native.unavailable_reason() is None:
+        methods["compiled"] = native.tanh_
+    else:
+        print(f"compiled: not available ({native.unavailable_reason()})")
     try:
         compiled = torch.compile(torch.tanh, fullgraph=True, dynamic=False)
         compiled(torch.ones(256, 1024))
@@ -93,7 +100,7 @@ def _max_ulp(method: Method) -> float:
     for xs, ex, sp in zip(
         x.split(1 << 22), exact.split(1 << 22), spacing.split(1 << 22), strict=True
     ):
-        err = (method(xs).double() - ex).abs() / sp.double()
+        err = (method(xs.clone()).double() - ex).abs() / sp.double()  # (in place: a copy)
         worst = max(worst, err.max().item())
     return worst
 

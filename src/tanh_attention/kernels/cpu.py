@@ -8,9 +8,8 @@ the candidates and benchmarks/RESULTS.md holds the figures. oneDNN, which the x8
 aarch64 PyTorch wheels ship, can apply tanh in the epilogue of its matrix product while the
 scores are still in registers (``torch.ops.mkldnn._linear_pointwise(q, k, None, "tanh", [],
 "")`` computes ``tanh(q @ k^T)``), within a few float32 ulp of the exact tanh
-(``tests/test_tanh_accuracy.py`` sweeps float32 densely and requires 4 ulp). Nothing is
-compiled on install or at run time. The same oneDNN product without the epilogue computes the
-backward's ``g_o @ v^T``; :func:`matmul_t` uses it.
+(``tests/test_tanh_accuracy.py`` sweeps float32 densely and requires 4 ulp). The same oneDNN
+product without the epilogue computes the backward's ``g_o @ v^T``; :func:`matmul_t` uses it.
 
 A block of several small problems, each with its own keys (a batch of short sequences),
 is one grouped 1x1 convolution with the same fused tanh (``_convolution_pointwise``, one
@@ -26,8 +25,17 @@ multiply-add follow. Its error is absolute, at
 most ``SIGMOID_MAX_ERROR = 2**-22`` (measured: 3 * 2**-24), where the other two are within 4
 ulp of tanh: near 0 that is the error the float32 product already has for scores of unit
 size, but scores far below 1 (all of q or k tiny) lose their relative accuracy. So it runs
-only where the timing probe finds it clearly faster than both (``_SIGMOID_MIN_SPEEDUP``), and
-``TANH_ATTENTION_CPU_TANH=torch`` keeps relative accuracy at any speed.
+only where the timing probe finds it clearly faster than the others (``_SIGMOID_MIN_SPEEDUP``),
+and ``TANH_ATTENTION_CPU_TANH=torch`` keeps relative accuracy at any speed.
+
+Faster than all three where oneDNN's tanh is slow: the compiled tanh (method ``"compiled"``,
+``native.py`` and ``tanh.c``), a rational function that the machine's C compiler vectorizes,
+built on first use and cached; within ``native.MAX_ULP`` = 5 ulp of tanh (relative accuracy
+near 0 included) and 2**-22 absolutely. On the AVX2 AMD EPYC it takes 0.45 ns an entry
+(``2 * sigmoid(2x) - 1``: 1.3). Where no compiler is found, the build fails or its accuracy
+check does not pass, :func:`tanh_method` says why and picks among the others. It runs on
+float32 blocks whose rows are contiguous and evenly strided (the blocks' layout); any other
+layout takes ``torch.tanh_``.
 
 The oneDNN paths are taken only where a probe on first use shows they run and are accurate
 for the dtype (float32, and bfloat16 where the CPU supports it), and, for float32 and the
@@ -37,8 +45,8 @@ costs more than the products; on an Intel Xeon with AVX-512 and AMX it costs 0.3
 entry and ``torch.matmul`` + ``tanh_`` is the faster), so one timing probe per process
 decides, on a block of the kernels' usual size. Otherwise a block is computed with
 ``torch.matmul`` (and ``torch.tanh_``). :func:`tanh_method` says which one runs, and why;
-``TANH_ATTENTION_CPU_TANH=onednn``, ``=sigmoid`` or ``=torch`` skips the timing (accuracy
-still decides).
+``TANH_ATTENTION_CPU_TANH=onednn``, ``=compiled``, ``=sigmoid`` or ``=torch`` skips the timing
+(accuracy, and for ``compiled`` a working build, still decide).
 
 The accumulating products ``acc += alpha * x @ y`` of one-problem blocks (``o += a @ v`` and
 the backward's three gradient products, :func:`add_product_`) follow the same rule with a
