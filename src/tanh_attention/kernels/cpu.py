@@ -31,11 +31,11 @@ and ``TANH_ATTENTION_CPU_TANH=torch`` keeps relative accuracy at any speed.
 Faster than all three where oneDNN's tanh is slow: the compiled tanh (method ``"compiled"``,
 ``native.py`` and ``tanh.c``), a rational function that the machine's C compiler vectorizes,
 built on first use and cached; within ``native.MAX_ULP`` = 5 ulp of tanh (relative accuracy
-near 0 included) and 2**-22 absolutely. On the AVX2 AMD EPYC it takes 0.45 ns an entry
-(``2 * sigmoid(2x) - 1``: 1.3). Where no compiler is found, the build fails or its accuracy
-check does not pass, :func:`tanh_method` says why and picks among the others. It runs on
-float32 blocks whose rows are contiguous and evenly strided (the blocks' layout); any other
-layout takes ``torch.tanh_``.
+near 0 included) and 2**-22 absolutely. On the AVX2 AMD EPYC it takes 0.26-0.48 ns an
+entry, ``2 * sigmoid(2x) - 1`` 1.2 (``benchmarks/tanh_methods.py``, one thread). Where no
+compiler is found, the build fails or its accuracy check does not pass, :func:`tanh_method`
+says why and picks among the others. It runs on float32 blocks whose rows are contiguous and
+evenly strided (the blocks' layout); any other layout takes ``torch.tanh_``.
 
 The oneDNN paths are taken only where a probe on first use shows they run and are accurate
 for the dtype (float32, and bfloat16 where the CPU supports it), and, for float32 and the
@@ -289,6 +289,9 @@ def _compiled_reason(dtype: torch.dtype) -> str | None:
     return native.unavailable_reason()
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _compiled_tanh_(x: Tensor, scale: float = 1.0) -> Tensor:
     """In place: ``tanh(scale * x)`` by the compiled kernel, where it takes x's layout (else
     ``torch.tanh_``, as accurate); a scale beyond float32's range goes through
@@ -298,9 +301,6 @@ def _compiled_tanh_(x: Tensor, scale: float = 1.0) -> Tensor:
     if native.takes(x):
         return native.tanh_(x, scale)
     return scaled(x, scale).tanh_()  # a layout it does not walk: rare, and as accurate
-
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @functools.cache
