@@ -95,6 +95,27 @@ def test_it_is_built_once_into_the_cache(fresh: Path) -> None:
 
 
 @needs_compiled
+def test_a_cached_build_of_any_attempt_is_taken_without_compiling(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the first attempt (OpenMP) failed once and a later one was cached, a new process
+    loads that one and runs no compiler."""
+    log = fresh / "calls.log"
+    wrapper = fresh / "logging-cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {native._compiler()} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.unavailable_reason() is None
+    assert len(log.read_text().splitlines()) == 1
+    (_, first), (_, second), _ = native._targets(str(wrapper))
+    first.rename(second)  # as if only the second attempt had built
+    native._load.cache_clear()
+    assert native.unavailable_reason() is None
+    assert len(log.read_text().splitlines()) == 1, "it compiled again"
+    assert not first.exists() and second.exists()
+
+
+@needs_compiled
 @pytest.mark.parametrize(
     "make",
     [

@@ -62,19 +62,30 @@ def _cache_dir() -> Path:
     return Path(base) / "tanh_attention"
 
 
-def _build(compiler: str) -> tuple[Path | None, str]:
-    """The cached library (built if missing), or None and why not."""
+def _targets(compiler: str) -> list[tuple[list[str], Path]]:
+    """Each build attempt's flags and cached library, keyed by source, compiler and flags."""
     source = _SOURCE.read_bytes()
-    errors = []
+    targets = []
     for extra in _ATTEMPTS:
         flags = [*_BASE_FLAGS, *extra]
         key = hashlib.sha256(
             b"\0".join([source, compiler.encode(), " ".join(flags).encode(), sys.platform.encode()])
         ).hexdigest()[:16]
-        directory = _cache_dir()
-        target = directory / f"tanh-{key}.so"
+        targets.append((flags, _cache_dir() / f"tanh-{key}.so"))
+    return targets
+
+
+def _build(compiler: str) -> tuple[Path | None, str]:
+    """The cached library (built if missing), or None and why not. A build of any attempt
+    already in the cache is taken first: a machine whose compiler lacks OpenMP does not try
+    (and fail) that build again in every process."""
+    targets = _targets(compiler)
+    for _, target in targets:
         if target.exists():
             return target, ""
+    directory = _cache_dir()
+    errors = []
+    for flags, target in targets:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
