@@ -1072,13 +1072,16 @@ def test_small_calls_take_the_whole_tensor_formulas(
     monkeypatch: pytest.MonkeyPatch,
     method: str,
 ) -> None:
-    """Calls this small run formulas.py on whole tensors instead of the blocked drivers:
-    the same results (against the float64 reference), from both paths, with and without a
-    saved a, with each tanh method (the whole-tensor path takes the kernels' tanh_, here
-    at every size)."""
+    """Calls this small run on whole tensors instead of the blocked drivers: as one block
+    of all their problems where q, k and v share a batch shape, else by formulas.py. The
+    same results (against the float64 reference), from each path, with and without a
+    saved a, with each tanh method (the whole-tensor paths take the kernels' tanh, here at
+    every size)."""
     monkeypatch.setattr(cpu_kernels, "_SIGMOID_MIN_ENTRIES", 0)
     sigmoid_calls = _record(monkeypatch, "_tanh_from_sigmoid_", module=cpu_kernels)
-    compiled_calls = _record(monkeypatch, "tanh_", module=cpu_kernels.native)
+    compiled_calls = _record(monkeypatch, "try_tanh_", module=cpu_kernels.native)
+    one_block = q_shape[:-2] == k_shape[:-2]  # (v shares k's batch here)
+    whole_calls = _record(monkeypatch, "forward", module=blockwise._Whole)
     compiled = cpu_kernels.tanh_method(torch.float32)[0] == "compiled"
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(q_shape, generator=gen), torch.randn(k_shape, generator=gen)
@@ -1104,8 +1107,10 @@ def test_small_calls_take_the_whole_tensor_formulas(
         calls.clear()
         sigmoid_calls.clear()
         compiled_calls.clear()
+        whole_calls.clear()
         o, a = blockwise.forward(q, k, v, mask, scale, causal)
-        assert bool(calls) == plain
+        assert bool(whole_calls) == (plain and one_block)
+        assert bool(calls) == (plain and not one_block)
         assert bool(sigmoid_calls) == (method == "sigmoid" and dtype == torch.float32)
         assert bool(compiled_calls) == (compiled and dtype == torch.float32)
         assert a is not None and a._base is None and o._base is None

@@ -6,7 +6,7 @@ more than its attention at short sequences, take half the time by oneDNN. The sa
 that chooses the attention kernels' products (``kernels.cpu.product_method``) decides; on
 CPUs where MKL is the faster (Intel), this is ``F.linear``.
 
-oneDNN is used for float32 CPU tensors in plain eager calls only (``ops._plain_eager``: no
+oneDNN is used for float32 CPU tensors in plain eager calls only (``ops.plain_eager``: no
 compiler, tracer, ``torch.func`` transform or dispatch mode, which see ``F.linear``
 itself), with 2-D weights and at least ``_MIN_ENTRIES`` output entries (below that a oneDNN
 call costs more than it saves). A backward that is itself differentiated
@@ -83,7 +83,7 @@ def _by_onednn(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
         and x.shape[-1] == w.shape[1]
         and x.numel() > 0
         and x.numel() // x.shape[-1] * w.shape[0] >= _MIN_ENTRIES
-        and ops._plain_eager(tensors)
+        and ops.plain_eager(tensors)
         and product_method(torch.float32)[0] == "onednn"
     )
 

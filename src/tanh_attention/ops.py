@@ -49,7 +49,7 @@ from .dropout import Dropout
 from .function import AttnFunction
 from .kernels import blockwise
 
-__all__ = ["Kernels", "OpPair", "attn", "attn_lean", "declare_op_pair"]
+__all__ = ["Kernels", "OpPair", "attn", "attn_lean", "declare_op_pair", "plain_eager"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +93,25 @@ class OpPair:
     ) -> Any:
         """The forward op on validated inputs: in plain eager mode straight to the kernels
         (see :class:`_Eager`), else through the registered op."""
-        args = (q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed)
         kernels = self.kernels.get(q.device.type)
-        if kernels is None or not _plain_eager((q, k, v, attn_mask)):
-            return self.forward(*args)
+        if kernels is None or not plain_eager((q, k, v, attn_mask)):
+            return self.forward(q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed)
+        return self.eager(kernels, q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed)
+
+    def eager(
+        self,
+        kernels: Kernels,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        scale: float,
+        causal: str,
+        dropout_p: float = 0.0,
+        dropout_seed: Tensor | None = None,
+    ) -> Any:
+        """The forward op's result for a call :func:`plain_eager` accepted, from ``kernels``
+        (the op's own for the inputs' device type) without the op's dispatch."""
         # Whether a backward may follow (Function.forward itself runs with grad off).
         backward = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
@@ -109,6 +124,7 @@ class OpPair:
                 q, k, v, attn_mask, scale, causal, need_weights=self.weights, **drop
             )
             return (o, a) if self.weights else o
+        args = (q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed)
         return _Eager.apply(self, kernels, backward, *args)
 
 
@@ -408,7 +424,7 @@ def _backward_backward(
 # --------------------------------------------------------------------------------------------
 
 
-def _plain_eager(tensors: Sequence[Tensor | None]) -> bool:
+def plain_eager(tensors: Sequence[Tensor | None]) -> bool:
     """Whether nothing but plain autograd sees this call: no compiler or tracer, no
     ``torch.func`` transform or legacy vmap, no torch function or dispatch mode (fake
     tensors, export, flop counters), no autocast, no tensor subclass, no forward-AD tangent.
@@ -433,7 +449,7 @@ def _plain_eager(tensors: Sequence[Tensor | None]) -> bool:
 
 class _Eager(torch.autograd.Function):
     """An op pair's forward and backward kernels as one ``autograd.Function``, for plain
-    eager calls (:func:`_plain_eager`), where the registered op would add only dispatch cost:
+    eager calls (:func:`plain_eager`), where the registered op would add only dispatch cost:
     a few hundred microseconds a call, more than the whole attention of a small batch. The
     same kernels and the same VJP run either way. A backward that is itself differentiated
     (``create_graph=True``) goes through the backward op, whose autograd formula is
@@ -482,7 +498,7 @@ class _Eager(torch.autograd.Function):
             return (None,) * (3 + _FORWARD_INPUTS)
         q, k, v, attn_mask, a, seed = ctx.saved_tensors
         args = (grad_o, grad_a, q, k, v, a, attn_mask, ctx.scale, ctx.causal, needs)
-        if torch.is_grad_enabled() or not _plain_eager((grad_o, grad_a)):
+        if torch.is_grad_enabled() or not plain_eager((grad_o, grad_a)):
             # create_graph (the differentiable backward op), or the backward itself
             # transformed (gradcheck's batched gradients vmap it): the registered op.
             if not ctx.pair.weights:

@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import _torch_private
 from .._checks import CAUSAL_VARIANTS, SUPPORTED_DTYPES, Causal, Shapes
 
-__all__ = ["Backend", "Inputs", "backends", "get", "register"]
+__all__ = ["Backend", "Inputs", "backends", "first_for", "get", "register"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,8 @@ class Backend:
         explicit_ops: it runs ``ops.declare_op_pair`` ops, whose forward AD and ``torch.func``
             support needs private torch API (``_torch_private``); where that is missing,
             such calls are declined with the reason.
+        forced_only_on: device types it takes only when forced: its
+            :meth:`dispatch_reasons` declines every call on them.
     """
 
     name: ClassVar[str]
@@ -97,6 +99,7 @@ class Backend:
     supports_bias: ClassVar[bool] = False
     supports_dropout: ClassVar[bool] = False
     explicit_ops: ClassVar[bool] = False
+    forced_only_on: ClassVar[frozenset[str]] = frozenset()
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None if it can."""
@@ -183,6 +186,16 @@ def backends() -> list[Backend]:
         ['triton', 'cpu', 'composite']
     """
     return list(_REGISTRY)
+
+
+def first_for(device_type: str) -> Backend | None:
+    """The registered backend the dispatcher tries first for calls on ``device_type`` (the
+    first that takes it and is not ``forced_only_on`` it), or None: it runs every call on
+    that device type that it has no reasons against."""
+    for backend in _REGISTRY:
+        if device_type in backend.device_types and device_type not in backend.forced_only_on:
+            return backend
+    return None
 
 
 def get(name: str) -> Backend:

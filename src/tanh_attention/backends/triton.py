@@ -67,6 +67,7 @@ class TritonBackend(Backend):
     max_head_dim = 256
     memory_efficient = True
     explicit_ops = True
+    forced_only_on: ClassVar[frozenset[str]] = frozenset({"cpu"})
 
     def unavailable_reason(self) -> str | None:
         if not _torch_private.module_available("triton"):
@@ -90,7 +91,7 @@ class TritonBackend(Backend):
         return reasons
 
     def dispatch_reasons(self, inputs: Inputs) -> list[str]:
-        if inputs.device_type == "cpu":
+        if inputs.device_type in self.forced_only_on:
             return ["CPU tensors run Triton's interpreter only when forced (backend='triton')"]
         return []
 

@@ -15,9 +15,11 @@ with a fused tanh where available), and its products ``x @ y^T (+ c)`` from
 - :func:`jvp`: ``t_o`` from recomputed blocks.
 
 Calls with at most ``_PLAIN_MAX_ENTRIES`` score entries in all (float32, float64, no dropout)
-run ``formulas.forward`` / ``formulas.vjp`` on whole tensors instead: there the drivers' own
-cost exceeds what blocks save (benchmarks/RESULTS.md, "A second machine"); their ``a`` is
-at most that small, and its tanh is the blocks' (``kernels.cpu.tanh_``).
+run on whole tensors instead: there the drivers' own cost exceeds what blocks save
+(benchmarks/RESULTS.md, "A second machine"); their ``a`` is at most that small. Where q, k
+and v share one batch shape, the whole call is one block of all its problems (``_Whole``:
+the block formulas, with the blocks' tanh); where a batch dim broadcasts, ``formulas.forward``
+/ ``formulas.vjp`` run on the whole tensors (with the kernels' ``kernels.cpu.tanh_``).
 
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no
@@ -57,10 +59,10 @@ from .cpu import (
     add_product_,
     few_rows_method,
     matmul_t,
+    method_name,
     scaled_tanh_,
     scores_tanh,
     tanh_,
-    tanh_method,
 )
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
@@ -105,7 +107,132 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: Dropout | Non
     entries = max(math.prod(t.shape[:-2]) for t in (q, k, v)) * q.shape[-2] * k.shape[-2]
     if entries > _PLAIN_MAX_ENTRIES:
         return False
-    return entries <= FUSED_MIN_ENTRIES or tanh_method(q.dtype, q.device)[0] != "onednn"
+    return entries <= FUSED_MIN_ENTRIES or method_name(q.dtype, q.device) != "onednn"
+
+
+class _Whole:
+    """A small call whose q, k and v share one batch shape, as one block of ``G`` problems
+    (the whole ``n x m`` matrices at once): the block formulas of ``kernels/blocks.py`` on
+    ``(G, rows, features)`` views, each product one ``bmm``-like call. Where it applies
+    (:meth:`of`), it replaces the whole-tensor formulas, whose broadcasting products and
+    separate scaling pass cost more aten calls (on the AVX2 AMD EPYC of benchmarks/
+    RESULTS.md, a 1 x 1 x 16 x 64 forward: 60 us through ``formulas.forward``, the
+    composite 28 us)."""
+
+    def __init__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        causal: str,
+        size: int,
+    ) -> None:
+        self.batch, self.n, self.d = q.shape[:-2], q.shape[-2], q.shape[-1]
+        self.m, self.e = k.shape[-2], v.shape[-1]
+        self.size = size
+        self.q = q.reshape(size, self.n, self.d)
+        self.k = k.reshape(size, self.m, self.d)
+        self.v = v.reshape(size, self.m, self.e)
+        diagonal = causal_diagonal(causal, self.n, self.m)
+        # (A diagonal at or past the last column keeps every entry: a decoding step.)
+        self.diagonal = None if diagonal is None or diagonal >= self.m - 1 else diagonal
+        self.mask = None
+        if attn_mask is not None:
+            full = attn_mask.expand(*self.batch, self.n, self.m)
+            self.mask = full.reshape(size, self.n, self.m)
+
+    @staticmethod
+    def of(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        scale: float,
+        causal: str,
+        dropout: Dropout | None,
+    ) -> _Whole | None:
+        """The call as one block, or None where :func:`_plain` would say no, where a batch
+        dim broadcasts or where the call is empty (those take ``formulas.py``). (The same
+        tests as ``_plain``, written for a call of a few microseconds.)"""
+        largest = _LARGEST.get(q.dtype)
+        if dropout is not None or largest is None or abs(scale) > largest:
+            return None
+        q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+        batch = q_shape[:-2]
+        if batch != k_shape[:-2] or batch != v_shape[:-2] or 0 in (q_shape[-1], v_shape[-1]):
+            return None
+        size = math.prod(batch)
+        entries = size * q_shape[-2] * k_shape[-2]
+        if not 0 < entries <= _PLAIN_MAX_ENTRIES:
+            return None
+        if entries > FUSED_MIN_ENTRIES and method_name(q.dtype, q.device) == "onednn":
+            return None
+        if attn_mask is not None:
+            shapes = call_shapes(q, k, v, attn_mask)
+            if shapes is None or shapes.batch != batch:
+                return None  # the mask brings batch dims of its own
+        return _Whole(q, k, v, attn_mask, causal, size)
+
+    def weights(self, scale: float) -> Tensor:
+        """``a = M * tanh(scale * q @ k^T)`` as ``(G, n, m)``, recomputed."""
+        a = scores_tanh(self.q, self.k, scale, prescale=False)
+        return keep_block_(a, causal_diagonal=self.diagonal, attn_mask=self.mask)
+
+    def forward(self, scale: float, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """``(o, a)`` (``a`` None unless ``need_weights``), each in memory of its own."""
+        a = self.q.new_empty((*self.batch, self.n, self.m)) if need_weights else None
+        out = None if a is None else a.view(self.size, self.n, self.m)
+        a3 = scores_tanh(self.q, self.k, scale, prescale=False, out=out)
+        o = self.q.new_empty((*self.batch, self.n, self.e))
+        forward_block_(
+            o.view(self.size, self.n, self.e),
+            a3,
+            self.v,
+            causal_diagonal=self.diagonal,
+            attn_mask=self.mask,
+            first=True,
+        )
+        return o, a
+
+    def backward(
+        self,
+        grad_o: Tensor | None,
+        grad_a: Tensor | None,
+        a: Tensor | None,
+        scale: float,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(g_q, g_k, g_v)`` (None where not in ``needs``, which the caller has narrowed to
+        the gradients some output gradient reaches); ``a`` None: recomputed."""
+        a3 = self.weights(scale) if a is None else a.reshape(self.size, self.n, self.m)
+        shapes = (
+            (*self.batch, self.n, self.d),
+            (*self.batch, self.m, self.d),
+            (*self.batch, self.m, self.e),
+        )
+        g_q, g_k, g_v = (
+            self.q.new_empty(shape) if need else None
+            for shape, need in zip(shapes, needs, strict=True)
+        )
+        vjp_block_(
+            None if g_q is None else g_q.view(self.size, self.n, self.d),
+            None if g_k is None else g_k.view(self.size, self.m, self.d),
+            None if g_v is None else g_v.view(self.size, self.m, self.e),
+            None if grad_o is None else grad_o.reshape(self.size, self.n, self.e),
+            None if grad_a is None else grad_a.reshape(self.size, self.n, self.m),
+            self.q,
+            self.k,
+            self.v,
+            a3,
+            scale=scale,
+            causal_diagonal=self.diagonal,
+            attn_mask=self.mask,
+            matmul_t=matmul_t,
+            first_rows=True,
+            first_cols=True,
+        )
+        return g_q, g_k, g_v
 
 
 def _owned(t: Tensor) -> Tensor:
@@ -225,7 +352,7 @@ class _Problem:
         self.native = (
             q.dtype == torch.bfloat16
             and self.compute == torch.float32
-            and tanh_method(q.dtype, q.device)[0] == "onednn"
+            and method_name(q.dtype, q.device) == "onednn"
         )
         self.blocks = q.dtype if self.native else self.compute
         # A bfloat16 or float16 decoding step (few queries, a long cache) is bound by
@@ -371,7 +498,7 @@ class _Problem:
         scaled after the product (formulas.scaled). The other tanh methods scale the
         finished sums in the product itself (kernels/cpu.py): no question, no look."""
         s = abs(self.scale)
-        if tanh_method(self.blocks, self.device)[0] != "onednn":
+        if method_name(self.blocks, self.device) != "onednn":
             return True
         if s <= 1.0 or q.numel() == 0 or k.numel() == 0:
             # |s * x| <= |x| for every partial sum: no overflow where q @ k^T has none (the
@@ -483,6 +610,11 @@ def forward(
         >>> bool(torch.allclose(o, torch.tanh(q @ q.T).tril() @ v, atol=1e-6))
         True
     """
+    one_block = None
+    if block_rows is None and block_cols is None:
+        one_block = _Whole.of(q, k, v, attn_mask, scale, causal, dropout)
+    if one_block is not None:
+        return one_block.forward(scale, need_weights)
     if block_rows is None and block_cols is None and _plain(q, k, v, scale, dropout):
         whole_o, whole_a = formulas.forward(
             q, k, v, attn_mask, scale=scale, causal=causal, tanh=tanh_
@@ -612,6 +744,11 @@ def backward(
     need_v = need_v and grad_o is not None
     if not (need_q or need_k or need_v):
         return None, None, None
+    one_block = None
+    if block_rows is None and block_cols is None:
+        one_block = _Whole.of(q, k, v, attn_mask, scale, causal, dropout)
+    if one_block is not None:
+        return one_block.backward(grad_o, grad_a, a, scale, (need_q, need_k, need_v))
     if block_rows is None and block_cols is None and _plain(q, k, v, scale, dropout):
         if a is None:
             a = formulas.forward(q, k, v, attn_mask, scale=scale, causal=causal, tanh=tanh_)[1]

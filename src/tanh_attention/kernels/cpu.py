@@ -298,8 +298,8 @@ def _compiled_tanh_(x: Tensor, scale: float = 1.0) -> Tensor:
     ``formulas.scaled`` (so that a zero score stays 0)."""
     if abs(scale) > _FLOAT32_MAX:
         x, scale = scaled(x, scale), 1.0
-    if native.takes(x):
-        return native.tanh_(x, scale)
+    if native.try_tanh_(x, scale) is not None:  # (float32 on the CPU: the method's dtype)
+        return x
     return scaled(x, scale).tanh_()  # a layout it does not walk: rare, and as accurate
 
 
@@ -370,19 +370,20 @@ def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple
         >>> method
         'torch'
     """
+    method = method_name(dtype, device)
     if torch.device(device).type != "cpu":
-        return "torch", "the fused oneDNN kernel is used on CPU only"
+        return method, "the fused oneDNN kernel is used on CPU only"
     choice, figures = _timed_choice(dtype)
     onednn = _onednn_reason(dtype)
-    if choice == "onednn" and onednn is None:
-        return "onednn", f"oneDNN applies tanh in its matmul epilogue (runs, accurate; {figures})"
-    if choice == "compiled" and _compiled_reason(dtype) is None:
-        return "compiled", (
+    if method == "onednn":
+        return method, f"oneDNN applies tanh in its matmul epilogue (runs, accurate; {figures})"
+    if method == "compiled":
+        return method, (
             "the compiled tanh (kernels/tanh.c) after torch.matmul: the fastest here, within "
             f"{native.MAX_ULP:g} ulp ({figures})"
         )
-    if choice == "sigmoid" and _sigmoid_reason(dtype) is None:
-        return "sigmoid", (
+    if method == "sigmoid":
+        return method, (
             "2 * sigmoid(2x) - 1 after torch.matmul: the fastest here, absolute error at most "
             f"2**-22 ({figures})"
         )
@@ -398,6 +399,21 @@ def tanh_method(dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple
     return "torch", f"torch.matmul and torch.tanh_; {unused} ({figures})"
 
 
+def method_name(dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
+    """``tanh_method(dtype, device)[0]`` without writing its reason: the kernels ask for
+    every block, and a small call's blocks take microseconds."""
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
+        return "torch"
+    choice = _timed_choice(dtype)[0]
+    if choice == "onednn" and _onednn_reason(dtype) is None:
+        return "onednn"
+    if choice == "compiled" and _compiled_reason(dtype) is None:
+        return "compiled"
+    if choice == "sigmoid" and _sigmoid_reason(dtype) is None:
+        return "sigmoid"
+    return "torch"
+
+
 def _fused(x: Tensor, y: Tensor) -> bool:
     """Whether oneDNN serves ``x @ y^T`` for this block: one ``y`` for the whole block, no
     empty dimension (oneDNN rejects K = 0) and a dtype the probe accepted."""
@@ -405,7 +421,7 @@ def _fused(x: Tensor, y: Tensor) -> bool:
         y.shape[0] == 1
         and x.shape[-1] > 0
         and x.shape[0] * x.shape[1] * y.shape[1] >= FUSED_MIN_ENTRIES
-        and tanh_method(x.dtype, x.device)[0] == "onednn"
+        and method_name(x.dtype, x.device) == "onednn"
     )
 
 
@@ -575,7 +591,7 @@ def scores_tanh(
         >>> bool(torch.allclose(got, torch.tanh(0.5 * q @ k.mT), atol=1e-6))
         True
     """
-    method = tanh_method(q.dtype, q.device)[0]
+    method = method_name(q.dtype, q.device)
     if method == "onednn" and prescale:
         qs = q * scale if scale != 1.0 else q
         if _fused(qs, k):
@@ -587,7 +603,8 @@ def scores_tanh(
     if method == "sigmoid":
         return _tanh_from_sigmoid_(_scaled_product(q, k, 2.0 * scale, out))
     if method == "compiled":
-        return _compiled_tanh_(_scaled_product(q, k, scale, out))
+        # The kernel scales as it reads (in float32, as the product's epilogue would).
+        return _compiled_tanh_(_scaled_product(q, k, 1.0, out), scale)
     return _scaled_product(q, k, scale, out).tanh_()
 
 
@@ -602,7 +619,7 @@ def tanh_(x: Tensor) -> Tensor:
         >>> bool(torch.allclose(tanh_(x.clone()), torch.tanh(x)))
         True
     """
-    method = tanh_method(x.dtype, x.device)[0]
+    method = method_name(x.dtype, x.device)
     if method == "compiled":
         return _compiled_tanh_(x)
     if method == "sigmoid" and x.numel() >= _SIGMOID_MIN_ENTRIES:
@@ -614,7 +631,7 @@ def scaled_tanh_(x: Tensor, scale: float) -> Tensor:
     """``tanh(scale * x)`` of a block of scores ``x`` by :func:`tanh_method`'s method for its
     dtype (``torch.tanh_`` where that is oneDNN's, which needs the product), in ``x``'s memory
     or a new tensor. A scale beyond the dtype's range saturates (``formulas.scaled``)."""
-    method = tanh_method(x.dtype, x.device)[0]
+    method = method_name(x.dtype, x.device)
     if method == "compiled":
         return _compiled_tanh_(x, scale)
     if method == "sigmoid":
@@ -629,17 +646,27 @@ def _scaled_product(q: Tensor, k: Tensor, alpha: float, out: Tensor | None) -> T
     pass over q or the scores, and it scales the finished sums as the composite does: a
     score beyond the dtype's range is +-inf, which tanh saturates. An ``alpha`` beyond the
     dtype's range goes through ``formulas.scaled`` (so that a zero score stays 0)."""
-    if abs(alpha) > torch.finfo(q.dtype).max:
+    if abs(alpha) > _largest(q.dtype):
         return _into(out, scaled(torch.matmul(q, k.mT), alpha))
     g, n, m = max(q.shape[0], k.shape[0]), q.shape[1], k.shape[1]
+    if q.shape[0] == k.shape[0] and alpha == 1.0:
+        # (A scale in the product costs a pass of its own in small ones: bmm without one.)
+        return torch.bmm(q, k.mT) if out is None else torch.bmm(q, k.mT, out=out)
     if out is None:
         out = torch.empty(g, n, m, dtype=q.dtype, device=q.device)
-    if k.shape[0] == 1 and q.is_contiguous():
+    if q.shape[0] == k.shape[0]:
+        out.baddbmm_(q, k.mT, beta=0.0, alpha=alpha)
+    elif k.shape[0] == 1 and q.is_contiguous():
         # Shared keys: one (g * n) x m product instead of g small ones.
         out.view(g * n, m).addmm_(q.view(g * n, -1), k[0].mT, beta=0.0, alpha=alpha)
     else:
         out.baddbmm_(q.expand(g, -1, -1), k.expand(g, -1, -1).mT, beta=0.0, alpha=alpha)
     return out
+
+
+@functools.cache
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
 
 
 def _into(out: Tensor | None, result: Tensor) -> Tensor:
@@ -662,5 +689,6 @@ def matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
         out = _onednn(x.contiguous(), y[0].contiguous(), "none")  # dense: see scores_tanh
         return out if add is None else out.add_(add)
     if add is None:
-        return torch.matmul(x, y.mT)
+        # (bmm where it can: torch.matmul's broadcasting costs microseconds a call.)
+        return torch.bmm(x, y.mT) if x.shape[0] == y.shape[0] else torch.matmul(x, y.mT)
     return torch.baddbmm(add, x, y.mT)

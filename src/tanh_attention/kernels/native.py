@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_ERROR", "MAX_ULP", "takes", "tanh_", "unavailable_reason"]
+__all__ = ["MAX_ERROR", "MAX_ULP", "takes", "tanh_", "try_tanh_", "unavailable_reason"]
 
 # The kernel's promise for every float32 input (tanh.c; tests/test_tanh_accuracy.py sweeps
 # it): within MAX_ULP float32 ulp of tanh, and within MAX_ERROR absolutely.
@@ -215,14 +215,24 @@ def tanh_(x: Tensor, scale: float = 1.0) -> Tensor:
         raise ValueError(f"tanh_(): expected a float32 CPU tensor, got {x.dtype} on {x.device}")
     if not abs(scale) <= _FLOAT32_MAX:
         raise ValueError(f"tanh_(): expected a scale within float32's range, got {scale!r}")
-    if x.numel() == 0:
-        return x
-    layout = _layout(x)
-    if layout is None:
+    if try_tanh_(x, scale) is None:
         raise ValueError(
             "tanh_(): expected a contiguous tensor or (G, n, m) rows evenly strided, got "
             f"shape {tuple(x.shape)} and strides {x.stride()}"
         )
+    return x
+
+
+def try_tanh_(x: Tensor, scale: float = 1.0) -> Tensor | None:
+    """:func:`tanh_` for a caller that has checked the rest (the kernel loaded, ``x`` float32
+    on the CPU, the scale in range): ``x``, or None, untouched, where its layout is not one
+    the kernel walks. (A small call's blocks take microseconds: the checks are not repeated.)"""
+    layout = _layout(x)
+    if layout is None:
+        return None
     rows, cols, stride = layout
-    function(x.data_ptr(), rows, cols, stride, scale, torch.get_num_threads())
+    if rows * cols:
+        function = _load()[0]
+        assert function is not None
+        function(x.data_ptr(), rows, cols, stride, scale, torch.get_num_threads())
     return x
