@@ -101,8 +101,8 @@ def tangents(tensors: tuple[Tensor | None, ...]) -> list[Tensor | None] | None:
     Reads only the tensors (a tensor made dual in another thread's level carries nothing
     here), so a call that carries no tangent takes the plain path whatever other threads do.
     """
-    if not torch._C._is_fwd_grad_enabled():
-        return None
+    if not torch._C._is_fwd_grad_enabled() or getattr(fwAD, "_current_level", 0) < 0:
+        return None  # (no dual level is open in any thread: no tensor carries a tangent)
     found = [None if t is None else fwAD.unpack_dual(t).tangent for t in tensors]
     return found if any(t is not None for t in found) else None
 
@@ -118,27 +118,30 @@ def under_functorch_grad() -> bool:
     return bool(stack) and stack[-1].key() == torch._C._functorch.TransformType.Grad
 
 
+# (Looked up once: the checks below run on every plain eager call, a few microseconds long.)
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+_FUNCTION_MODES = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_LEGACY_BATCHED = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+
+
 def functorch_active() -> bool:
     """True inside any ``torch.func`` transform in this thread (vmap, grad, jvp, ...)."""
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
+    return bool(_FUNCTORCH_ACTIVE()) if _FUNCTORCH_ACTIVE is not None else False
 
 
 def modes_active() -> bool:
     """True while a torch function mode or a dispatch mode is active in this thread (fake
     tensors, export and other tracers, flop counters, ``with torch.device(...)``)."""
-    function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
-    dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    if function_modes is None or dispatch_modes is None:
+    if _FUNCTION_MODES is None or _DISPATCH_MODES is None:
         return True  # cannot tell: assume one is
-    return bool(function_modes()) or dispatch_modes() > 0
+    return bool(_FUNCTION_MODES()) or _DISPATCH_MODES() > 0
 
 
 def is_legacy_batched(t: Tensor) -> bool:
     """Whether ``t`` is batched by the legacy vmap (``torch._vmap_internals``, which
     ``gradcheck``'s batched-gradient check uses)."""
-    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return bool(check(t)) if check is not None else False
+    return bool(_LEGACY_BATCHED(t)) if _LEGACY_BATCHED is not None else False
 
 
 def is_functorch_wrapped(t: Tensor) -> bool:

@@ -437,14 +437,19 @@ def plain_eager(tensors: Sequence[Tensor | None]) -> bool:
         or _torch_private.modes_active()
     ):
         return False
-    plain = (Tensor, torch.nn.Parameter)
+    device_type = None
     for t in tensors:
-        if t is not None and (type(t) not in plain or _torch_private.is_legacy_batched(t)):
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TYPES or _torch_private.is_legacy_batched(t):
             return False
-    present = [t for t in tensors if t is not None]
-    if torch.is_autocast_enabled(present[0].device.type):
+        device_type = device_type or t.device.type
+    if device_type is None or torch.is_autocast_enabled(device_type):
         return False
     return _torch_private.tangents(tuple(tensors[:3])) is None
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 class _Eager(torch.autograd.Function):
