@@ -898,13 +898,17 @@ def test_public_need_weights_false_uses_lean_op() -> None:
     q, k, v = _lean_inputs()
     o, a = tanh_attention.attn(q, k, v, need_weights=False)
     # Plain eager: the lean pair's kernels under ops._Eager. It keeps a (n x m) only where a
-    # is at most twice the size of q, k and v together (here 3 x 5 against 2 * (12 + 35)).
+    # is at most twice the size of q, k and v together (here 3 x 5 against 2 * (12 + 35)),
+    # or has at most 65536 entries in all.
     assert a is None and o.grad_fn.pair is ops.attn_lean
     saved_a = 4  # saved: q, k, v, attn_mask, a, dropout_seed
     assert o.grad_fn.saved_tensors[saved_a].shape == (2, 3, 5)
-    long = [torch.randn(64, 4, dtype=F64, requires_grad=True) for _ in range(3)]
+    small = [torch.randn(64, 4, dtype=F64, requires_grad=True) for _ in range(3)]
+    o_small, _ = tanh_attention.attn(*small, need_weights=False)
+    assert o_small.grad_fn.saved_tensors[saved_a].shape == (64, 64)  # not short, but small
+    long = [torch.randn(2, 200, 4, dtype=F64, requires_grad=True) for _ in range(3)]
     o_long, _ = tanh_attention.attn(*long, need_weights=False)
-    assert o_long.grad_fn.saved_tensors[saved_a] is None  # 64 x 64 > 2 * 64 * (4 + 4 + 4)
+    assert o_long.grad_fn.saved_tensors[saved_a] is None  # 2 x 200 x 200 > 65536
     with torch.device("cpu"):  # a torch function mode: through the registered op
         o, a = tanh_attention.attn(q, k, v, need_weights=False)
     assert a is None and "attn_lean" in type(o.grad_fn).__name__

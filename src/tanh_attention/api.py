@@ -126,7 +126,8 @@ def attn(
             backends that say ``memory_efficient``, not kept: the backward recomputes each
             block of ``a``, so memory stays linear in n. (Short sequences, whose ``a`` is at
             most twice the size of q, k and v together, keep it in plain eager calls:
-            faster, and at most three times the inputs' memory.)
+            faster, and at most three times the inputs' memory; so do calls whose ``a`` has
+            at most 65536 entries.)
         attn_mask: optional bool mask that broadcasts with ``(*batch, n, m)``; True = takes
             part (the convention of ``scaled_dot_product_attention``). Combined with
             ``causal`` the two intersect. Masked entries of ``a`` are exactly 0 with zero

@@ -35,6 +35,7 @@ contexts. The routing reads only the call's own tensors and per-thread state.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -452,6 +453,10 @@ def plain_eager(tensors: Sequence[Tensor | None]) -> bool:
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
+# The o-only pair keeps an ``a`` of at most this many entries for its backward (see _Eager).
+_KEEP_ENTRIES = 65536
+
+
 class _Eager(torch.autograd.Function):
     """An op pair's forward and backward kernels as one ``autograd.Function``, for plain
     eager calls (:func:`plain_eager`), where the registered op would add only dispatch cost:
@@ -466,8 +471,10 @@ class _Eager(torch.autograd.Function):
     small_problems.py; on the AVX2 AMD EPYC of benchmarks/RESULTS.md, 4 x 8 x 256 x 64, o-only
     forward+backward: 43.6 ms recomputing, 36.1 keeping ``a``, 43.2 the composite; at n = 512
     the two are within 8%); saved
-    memory then stays within three times the inputs'. Longer sequences save nothing of size
-    ``n x m``."""
+    memory then stays within three times the inputs'. So does a call whose ``a`` has at most
+    ``_KEEP_ENTRIES`` entries in all, whatever its shape (at most 256 KiB in float32: on the
+    same machine, 1 x 1 x 256 x 16, d = 16, recomputing it made the o-only forward+backward
+    1.3-1.5x the composite's time). Longer sequences save nothing of size ``n x m``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -486,6 +493,9 @@ class _Eager(torch.autograd.Function):
     ) -> Any:
         n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
         short = n * m <= 2 * (n * d + m * (d + e))
+        if backward and not short:
+            batch = max(math.prod(t.shape[:-2]) for t in (q, k, v))
+            short = batch * n * m <= _KEEP_ENTRIES
         keep = pair.weights or (short and backward)
         drop = _kernel_dropout(kernels, pair.forward._name, dropout_p, dropout_seed)
         o, a = kernels.forward(q, k, v, attn_mask, scale, causal, need_weights=keep, **drop)

@@ -75,7 +75,7 @@ class Backend:
         causal_variants: the causal variants it takes (``"none"`` included).
         returns_weights: whether it can return ``a`` (``need_weights=True``).
         memory_efficient: whether ``need_weights=False`` keeps memory linear in n: nothing
-            of size ``n x m`` is kept (but for short sequences, see ``ops._Eager``).
+            of size ``n x m`` is kept (but for short sequences and small calls, see ``ops._Eager``).
         max_grad_order: the highest order of derivative it gives (None: any).
         supports_bias: whether it takes an additive ``bias`` on the scores.
         supports_dropout: whether it takes ``dropout_p > 0``.
