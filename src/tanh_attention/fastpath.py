@@ -25,14 +25,13 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import SUPPORTED_DTYPES
+from ._checks import CAUSAL_VARIANTS, SUPPORTED_DTYPES
 from .backends import first_for
 from .backends.cpu import CpuBackend
 
 __all__ = ["attn"]
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_VARIANTS = {"none": "none", "top_left": "top_left", "bottom_right": "bottom_right"}
 
 
 def attn(
@@ -45,7 +44,7 @@ def attn(
         return None  # (first: Dynamo traces this function, and scale may be symbolic)
     if type(q) not in _PLAIN_TYPES or type(k) not in _PLAIN_TYPES or type(v) not in _PLAIN_TYPES:
         return None
-    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)  # (mypy)
     dtype = q.dtype
     if (
         not (q.is_cpu and k.is_cpu and v.is_cpu)
@@ -78,8 +77,8 @@ def attn(
         variant = "none"
     elif causal is True:
         variant = "top_left"
-    elif type(causal) is str and causal in _VARIANTS:
-        variant = _VARIANTS[causal]
+    elif type(causal) is str and causal in CAUSAL_VARIANTS:
+        variant = causal
     else:
         return None
     if type(first_for("cpu")) is not CpuBackend or not ops.plain_eager((q, k, v, None)):
