@@ -102,9 +102,17 @@ _PLAIN_MAX_ENTRIES = 65536
 
 def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: Dropout | None) -> bool:
     """Whether this call is small enough for the whole-tensor formulas (see above)."""
-    if dropout is not None or q.dtype not in _LARGEST or abs(scale) > _LARGEST[q.dtype]:
-        return False
     entries = max(math.prod(t.shape[:-2]) for t in (q, k, v)) * q.shape[-2] * k.shape[-2]
+    return _small(q, entries, scale, dropout)
+
+
+def _small(q: Tensor, entries: int, scale: float, dropout: Dropout | None) -> bool:
+    """Whether a call of ``entries`` score entries in all runs on whole tensors (see above):
+    no dropout, float32 or float64 with the scale in range, at most ``_PLAIN_MAX_ENTRIES``
+    entries, and below oneDNN's threshold where its fused tanh is the faster method."""
+    largest = _LARGEST.get(q.dtype)
+    if dropout is not None or largest is None or abs(scale) > largest:
+        return False
     if entries > _PLAIN_MAX_ENTRIES:
         return False
     return entries <= FUSED_MIN_ENTRIES or method_name(q.dtype, q.device) != "onednn"
@@ -152,21 +160,15 @@ class _Whole:
         causal: str,
         dropout: Dropout | None,
     ) -> _Whole | None:
-        """The call as one block, or None where :func:`_plain` would say no, where a batch
-        dim broadcasts or where the call is empty (those take ``formulas.py``). (The same
-        tests as ``_plain``, written for a call of a few microseconds.)"""
-        largest = _LARGEST.get(q.dtype)
-        if dropout is not None or largest is None or abs(scale) > largest:
-            return None
+        """The call as one block, or None where :func:`_small` says no, where a batch dim
+        broadcasts or where the call is empty (those take ``formulas.py``)."""
         q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
         batch = q_shape[:-2]
         if batch != k_shape[:-2] or batch != v_shape[:-2] or 0 in (q_shape[-1], v_shape[-1]):
             return None
         size = math.prod(batch)
         entries = size * q_shape[-2] * k_shape[-2]
-        if not 0 < entries <= _PLAIN_MAX_ENTRIES:
-            return None
-        if entries > FUSED_MIN_ENTRIES and method_name(q.dtype, q.device) == "onednn":
+        if entries == 0 or not _small(q, entries, scale, dropout):
             return None
         if attn_mask is not None:
             shapes = call_shapes(q, k, v, attn_mask)

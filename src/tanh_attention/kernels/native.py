@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_ERROR", "MAX_ULP", "takes", "tanh_", "try_tanh_", "unavailable_reason"]
+__all__ = ["MAX_ERROR", "MAX_ULP", "tanh_", "try_tanh_", "unavailable_reason"]
 
 # The kernel's promise for every float32 input (tanh.c; tests/test_tanh_accuracy.py sweeps
 # it): within MAX_ULP float32 ulp of tanh, and within MAX_ERROR absolutely.
@@ -179,11 +179,6 @@ def _layout(x: Tensor) -> tuple[int, int, int] | None:
     ):
         return x.shape[0] * x.shape[1], x.shape[2], x.stride(1)
     return None
-
-
-def takes(x: Tensor) -> bool:
-    """Whether :func:`tanh_` takes ``x``: float32 on the CPU, in a layout it walks."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and _layout(x) is not None
 
 
 def tanh_(x: Tensor, scale: float = 1.0) -> Tensor:

@@ -3,8 +3,9 @@
  * Why it exists: on CPUs without a fast tanh in PyTorch (torch.tanh costs 3.0 ns an entry on
  * the AVX2 AMD EPYC of benchmarks/RESULTS.md, 2 * sigmoid(2x) - 1 1.2) tanh costs a quarter
  * of an attention forward at n = 256. A rational function, vectorized by the compiler, takes
- * 0.26-0.48 ns an entry there (benchmarks/tanh_methods.py, one thread). kernels/native.py compiles this file on first use (no
- * compiler, or a failed build: the kernels keep their other methods) and checks its accuracy.
+ * 0.26-0.48 ns an entry there (benchmarks/tanh_methods.py, one thread). kernels/native.py
+ * compiles this file on first use (no compiler, or a failed build: the kernels keep their
+ * other methods) and checks its accuracy.
  *
  * The method. With u = alpha * x clamped to [-10, 10] (tanh(10) rounds to 1 in float32) and
  * y = u / 2:
