@@ -903,9 +903,10 @@ def test_public_need_weights_false_uses_lean_op() -> None:
     assert a is None and o.grad_fn.pair is ops.attn_lean
     saved_a = 4  # saved: q, k, v, attn_mask, a, dropout_seed
     assert o.grad_fn.saved_tensors[saved_a].shape == (2, 3, 5)
-    small = [torch.randn(64, 4, dtype=F64, requires_grad=True) for _ in range(3)]
+    # 2 x 128 x 128 entries: not short, but small (and past the aten-op graph, see below).
+    small = [torch.randn(2, 128, 4, dtype=F64, requires_grad=True) for _ in range(3)]
     o_small, _ = tanh_attention.attn(*small, need_weights=False)
-    assert o_small.grad_fn.saved_tensors[saved_a].shape == (64, 64)  # not short, but small
+    assert o_small.grad_fn.saved_tensors[saved_a].shape == (2, 128, 128)
     long = [torch.randn(2, 200, 4, dtype=F64, requires_grad=True) for _ in range(3)]
     o_long, _ = tanh_attention.attn(*long, need_weights=False)
     assert o_long.grad_fn.saved_tensors[saved_a] is None  # 2 x 200 x 200 > 65536
@@ -1149,3 +1150,119 @@ def test_lean_keeps_short_weights_only_for_a_backward(monkeypatch: pytest.Monkey
         tanh_attention.attn(q.requires_grad_(), k, v, need_weights=False)
     tanh_attention.attn(q, k, v, need_weights=False)
     assert asked == [False, False, True]
+
+
+# --------------------------------------------------------------------------------------------
+# The very smallest differentiable calls: aten ops that autograd records (blockwise.graph)
+# --------------------------------------------------------------------------------------------
+
+
+def _graph_inputs(
+    batch: tuple[int, ...], n: int, m: int, dtype: torch.dtype, grads: tuple[bool, ...]
+) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    shapes = ((*batch, n, 4), (*batch, m, 4), (*batch, m, 3))
+    return tuple(  # type: ignore[return-value]
+        torch.randn(shape, generator=gen, dtype=F64).to(dtype).requires_grad_(need)
+        for shape, need in zip(shapes, grads, strict=True)
+    )
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+@pytest.mark.parametrize("grads", [(True, True, True), (False, True, False)], ids=str)
+def test_smallest_differentiable_calls_record_aten_ops(
+    causal: str,
+    masked: bool,
+    need_weights: bool,
+    dtype: torch.dtype,
+    grads: tuple[bool, ...],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call with a backward ahead and at most _GRAPH_MAX_ENTRIES score entries, one batch
+    shape, is recorded as aten ops (no ops._Eager node, no kernels): values and gradients of
+    both outputs against the float64 reference, with a mask, each causal variant, and only
+    some inputs requiring grad."""
+    forward_calls = _record(monkeypatch, "forward", module=blockwise._Whole)
+    q, k, v = _graph_inputs((2, 3), 5, 7, dtype, grads)
+    mask = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(2)) < 0.6
+    mask_arg = mask if masked else None
+    pair = ops.attn if need_weights else ops.attn_lean
+    out = pair(q, k, v, mask_arg, 0.6, causal)
+    o, a = out if need_weights else (out, None)
+    assert not forward_calls, "the kernels ran: not the aten-op graph"
+    assert "_Eager" not in type(o.grad_fn).__name__
+    o_ref, a_ref = reference(q.double(), k.double(), v.double(), mask_arg, 0.6, causal)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(o.double(), o_ref, **tol)
+    g_o = torch.randn(o.shape, dtype=F64)
+    g_a = torch.randn(a_ref.shape, dtype=F64)
+    outputs = (g_o, g_a) if need_weights else (g_o,)
+    if a is not None:
+        torch.testing.assert_close(a.double(), a_ref, **tol)
+    leaves = [t for t in (q, k, v) if t.requires_grad]
+    got = torch.autograd.grad((o, a)[: len(outputs)], leaves, [g.to(dtype) for g in outputs])
+    want = _ref_grads(q, k, v, mask_arg, 0.6, causal, outputs=outputs)
+    want = [w for w, t in zip(want, (q, k, v), strict=True) if t.requires_grad]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, **tol)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_smallest_calls_twice_differentiable(causal: str) -> None:
+    q, k, v = _graph_inputs((2,), 4, 6, F64, (True, True, True))
+    mask = torch.rand(2, 4, 6, generator=torch.Generator().manual_seed(3)) < 0.7
+
+    def f(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        o, a = ops.attn(q, k, v, mask, 0.8, causal)
+        assert "_Eager" not in type(o.grad_fn).__name__
+        return o.sin().sum() + (a * a).sum()
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    assert torch.autograd.gradgradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize(
+    ("case", "graph"),
+    [
+        ("at the limit", True),
+        ("one entry past it", False),
+        ("no batch dims", True),
+        ("k, v broadcast over the batch", False),
+        ("bfloat16", False),
+        ("scale beyond float32", False),
+        ("dropout", False),
+        ("no grad", False),
+    ],
+)
+def test_which_calls_record_aten_ops(case: str, graph: bool) -> None:
+    """Only differentiable calls of one batch shape, at most _GRAPH_MAX_ENTRIES score
+    entries, float32 or float64 with the scale in range and no dropout take the aten ops;
+    the others the kernels (ops._Eager, whose tanh is the machine's fastest). Each gives
+    the float64 reference's gradients."""
+    limit = blockwise._GRAPH_MAX_ENTRIES
+    n = 8
+    batch: tuple[int, ...] = (2, limit // (2 * n * n))
+    m = n + (1 if case == "one entry past it" else 0)
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    scale = 1e39 if case == "scale beyond float32" else 0.5
+    if case == "no batch dims":
+        batch = ()
+    q, k, v = _graph_inputs(batch, n, m, dtype, (True, True, True))
+    assert math.prod(batch) * n * m == limit or case != "at the limit"
+    if case == "k, v broadcast over the batch":
+        k, v = (t.detach()[:1].requires_grad_() for t in (k, v))
+    dropout = 0.5 if case == "dropout" else 0.0
+    seed = torch.tensor(7) if dropout else None
+    with torch.set_grad_enabled(case != "no grad"):
+        out = ops.attn_lean(q, k, v, None, scale, "top_left", dropout, seed)
+    assert ("_Eager" not in type(out.grad_fn).__name__) == graph or case == "no grad"
+    if case in ("no grad", "dropout"):
+        return  # (dropout: its gradients are test_dropout.py's)
+    want = _ref_grads(q, k, v, None, scale, "top_left", outputs=(torch.ones(out.shape),))
+    got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    tol = {"rtol": 5e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, **tol)

@@ -81,7 +81,7 @@ def attn(
         variant = causal
     else:
         return None
-    if type(first_for("cpu")) is not CpuBackend or not ops.plain_eager((q, k, v, None)):
+    if type(first_for("cpu")) is not CpuBackend or not ops.plain_eager((q, k, v, None), "cpu"):
         return None
     pair = ops.attn if need_weights else ops.attn_lean
     out = pair.eager(pair.kernels["cpu"], q, k, v, None, scale, variant)

@@ -13,8 +13,10 @@ op's own autograd formula is ``formulas.vjp_of_vjp``, plain torch code, so doubl
 beyond work and the backward stays one opaque node under ``torch.compile`` and ``torch.export``.
 A pair "with weights" returns ``(o, a)`` and saves ``a``; a pair without returns ``o`` only,
 saves nothing of size ``n x m``, and its backward recomputes each block of ``a`` (plain
-eager calls run the same kernels without the op's dispatch, see :class:`_Eager`). The op
-bodies are :class:`Kernels` (pure functions, ``kernels/``) registered per device type.
+eager calls run the same kernels without the op's dispatch, see :class:`_Eager`, and the
+very smallest of them that may be differentiated are recorded as aten ops instead,
+``Kernels.graph``). The op bodies are :class:`Kernels` (pure functions, ``kernels/``)
+registered per device type.
 
 Dropout (``dropout_p > 0``) needs ``dropout_seed`` (``dropout.draw_seed()``): the backward
 makes each block's mask again from it (``dropout.py``), so the o-only pair stores no mask.
@@ -63,12 +65,17 @@ class Kernels:
             -> (g_q, g_k, g_v)``, each None where not needed; ``a`` None: recompute it.
         jvp: ``(t_q, t_k, t_v, q, k, v, attn_mask, scale, causal) -> t_o``.
         dropout: whether forward and backward take ``dropout=`` (a ``dropout.Dropout``).
+        graph: optional ``(q, k, v, attn_mask, scale, causal, *, need_weights) -> (o, a or
+            None) or None``: the forward as differentiable aten ops for calls so small that
+            autograd's own nodes cost less than an autograd.Function (None: not this call);
+            plain eager calls that may be differentiated try it first (no dropout).
     """
 
     forward: Callable[..., tuple[Tensor, Tensor | None]]
     backward: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]
     jvp: Callable[..., Tensor]
     dropout: bool = False
+    graph: Callable[..., tuple[Tensor, Tensor | None] | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +101,9 @@ class OpPair:
     ) -> Any:
         """The forward op on validated inputs: in plain eager mode straight to the kernels
         (see :class:`_Eager`), else through the registered op."""
-        kernels = self.kernels.get(q.device.type)
-        if kernels is None or not plain_eager((q, k, v, attn_mask)):
+        device_type = q.device.type
+        kernels = self.kernels.get(device_type)
+        if kernels is None or not plain_eager((q, k, v, attn_mask), device_type):
             return self.forward(q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed)
         return self.eager(kernels, q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed)
 
@@ -125,6 +133,12 @@ class OpPair:
                 q, k, v, attn_mask, scale, causal, need_weights=self.weights, **drop
             )
             return (o, a) if self.weights else o
+        if kernels.graph is not None and dropout_p == 0.0:
+            # A very small call: autograd's C++ nodes over aten ops cost less than the
+            # Function's Python forward and backward (see Kernels.graph).
+            out = kernels.graph(q, k, v, attn_mask, scale, causal, need_weights=self.weights)
+            if out is not None:
+                return out if self.weights else out[0]
         args = (q, k, v, attn_mask, scale, causal, dropout_p, dropout_seed)
         return _Eager.apply(self, kernels, backward, *args)
 
@@ -425,12 +439,15 @@ def _backward_backward(
 # --------------------------------------------------------------------------------------------
 
 
-def plain_eager(tensors: Sequence[Tensor | None]) -> bool:
+def plain_eager(tensors: Sequence[Tensor | None], device_type: str | None = None) -> bool:
     """Whether nothing but plain autograd sees this call: no compiler or tracer, no
     ``torch.func`` transform or legacy vmap, no torch function or dispatch mode (fake
     tensors, export, flop counters), no autocast, no tensor subclass, no forward-AD tangent.
     Each of those needs the registered op (its fake kernel, vmap rule, autocast rule,
-    Autograd kernel); all are per-thread or per-tensor state."""
+    Autograd kernel); all are per-thread or per-tensor state.
+
+    ``tensors``: the call's tensors (None for those it lacks), on one device, whose type
+    ``device_type`` is, where the caller knows it (else read from the first tensor)."""
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
@@ -438,14 +455,15 @@ def plain_eager(tensors: Sequence[Tensor | None]) -> bool:
         or _torch_private.modes_active()
     ):
         return False
-    device_type = None
     for t in tensors:
-        if t is None:
-            continue
-        if type(t) not in _PLAIN_TYPES or _torch_private.is_legacy_batched(t):
+        if t is not None and (type(t) not in _PLAIN_TYPES or _torch_private.is_legacy_batched(t)):
             return False
-        device_type = device_type or t.device.type
-    if device_type is None or torch.is_autocast_enabled(device_type):
+    if device_type is None:
+        first = next((t for t in tensors if t is not None), None)
+        if first is None:
+            return False
+        device_type = first.device.type
+    if torch.is_autocast_enabled(device_type):
         return False
     return _torch_private.tangents(tuple(tensors[:3])) is None
 
@@ -716,7 +734,9 @@ def declare_op_pair(name: str, *, weights: bool, kernels: Mapping[str, Kernels])
 
 # The blocked kernels are torch code: they run on any device, fastest on CPU (oneDNN's fused
 # tanh); on CUDA the triton backend is the fast one, this is the always-correct fallback.
-BLOCKED = Kernels(blockwise.forward, blockwise.backward, blockwise.jvp, dropout=True)
+BLOCKED = Kernels(
+    blockwise.forward, blockwise.backward, blockwise.jvp, dropout=True, graph=blockwise.graph
+)
 
 attn = declare_op_pair("attn", weights=True, kernels={"cpu": BLOCKED, "cuda": BLOCKED})
 """``torch.ops.tanh_attention.attn(q, k, v, attn_mask=None, scale=1.0, causal="none") -> (o, a)``:

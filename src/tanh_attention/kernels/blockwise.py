@@ -65,7 +65,7 @@ from .cpu import (
     tanh_,
 )
 
-__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "jvp"]
+__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "graph", "jvp"]
 
 # Block sizes: a float32 block of BLOCK_ROWS x BLOCK_COLS is 2 MiB, about the L2 cache of a
 # core of the machines benchmarks/RESULTS.md was measured on. Larger blocks amortize Python
@@ -100,6 +100,15 @@ _CONVERTED_ENTRIES = 2**21
 _PLAIN_MAX_ENTRIES = 65536
 
 
+# Calls of at most this many score entries that share one batch shape and may be
+# differentiated are recorded as aten ops (``graph``), whose autograd nodes are C++: an
+# autograd.Function's Python forward and backward (ops._Eager) cost more than their
+# arithmetic. Beyond it the kernels' faster tanh pays for the Function (on the AVX2 AMD EPYC
+# of benchmarks/RESULTS.md, o-only forward+backward against the composite: 4 x 4 x 16 x 16
+# 1.30x by the Function, 0.89x as aten ops; 8 x 4 x 32 x 32, 32768 entries, 0.96x and 0.95x).
+_GRAPH_MAX_ENTRIES = 16384
+
+
 def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: Dropout | None) -> bool:
     """Whether this call is small enough for the whole-tensor formulas (see above)."""
     entries = max(math.prod(t.shape[:-2]) for t in (q, k, v)) * q.shape[-2] * k.shape[-2]
@@ -110,12 +119,16 @@ def _small(q: Tensor, entries: int, scale: float, dropout: Dropout | None) -> bo
     """Whether a call of ``entries`` score entries in all runs on whole tensors (see above):
     no dropout, float32 or float64 with the scale in range, at most ``_PLAIN_MAX_ENTRIES``
     entries, and below oneDNN's threshold where its fused tanh is the faster method."""
-    largest = _LARGEST.get(q.dtype)
-    if dropout is not None or largest is None or abs(scale) > largest:
-        return False
-    if entries > _PLAIN_MAX_ENTRIES:
+    if not _whole_kind(q, scale, dropout) or entries > _PLAIN_MAX_ENTRIES:
         return False
     return entries <= FUSED_MIN_ENTRIES or method_name(q.dtype, q.device) != "onednn"
+
+
+def _whole_kind(q: Tensor, scale: float, dropout: Dropout | None) -> bool:
+    """No dropout, and float32 or float64 with the scale in range: the kind of call the
+    whole-tensor paths take (they compute in q's dtype, scaling the finished scores)."""
+    largest = _LARGEST.get(q.dtype)
+    return dropout is None and largest is not None and abs(scale) <= largest
 
 
 class _Whole:
@@ -127,6 +140,8 @@ class _Whole:
     RESULTS.md, a 1 x 1 x 16 x 64 forward: 60 us through ``formulas.forward``, the
     composite 28 us)."""
 
+    __slots__ = ("batch", "d", "diagonal", "e", "k", "m", "mask", "n", "q", "size", "v")
+
     def __init__(
         self,
         q: Tensor,
@@ -135,13 +150,15 @@ class _Whole:
         attn_mask: Tensor | None,
         causal: str,
         size: int,
+        shapes: tuple[torch.Size, torch.Size],
     ) -> None:
-        self.batch, self.n, self.d = q.shape[:-2], q.shape[-2], q.shape[-1]
-        self.m, self.e = k.shape[-2], v.shape[-1]
-        self.size = size
-        self.q = q.reshape(size, self.n, self.d)
-        self.k = k.reshape(size, self.m, self.d)
-        self.v = v.reshape(size, self.m, self.e)
+        (*batch, self.n, self.d), (*_, self.m, self.e) = shapes  # q's and v's
+        self.batch, self.size = tuple(batch), size
+        # ((G, rows, features) views, or copies where the batch dims cannot merge.)
+        three = len(batch) == 1
+        self.q = q if three else q.reshape(size, self.n, self.d)
+        self.k = k if three else k.reshape(size, self.m, self.d)
+        self.v = v if three else v.reshape(size, self.m, self.e)
         diagonal = causal_diagonal(causal, self.n, self.m)
         # (A diagonal at or past the last column keeps every entry: a decoding step.)
         self.diagonal = None if diagonal is None or diagonal >= self.m - 1 else diagonal
@@ -159,22 +176,30 @@ class _Whole:
         scale: float,
         causal: str,
         dropout: Dropout | None,
+        limit: int | None = None,
     ) -> _Whole | None:
-        """The call as one block, or None where :func:`_small` says no, where a batch dim
-        broadcasts or where the call is empty (those take ``formulas.py``)."""
+        """The call as one block, or None where a batch dim broadcasts or where the call is
+        empty (those take ``formulas.py``), and where :func:`_small` says no or, given a
+        ``limit`` (the aten-op graph's, whatever tanh method the kernels use), where it has
+        more score entries or is of another kind (:func:`_whole_kind`)."""
         q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
         batch = q_shape[:-2]
         if batch != k_shape[:-2] or batch != v_shape[:-2] or 0 in (q_shape[-1], v_shape[-1]):
             return None
         size = math.prod(batch)
         entries = size * q_shape[-2] * k_shape[-2]
-        if entries == 0 or not _small(q, entries, scale, dropout):
+        if entries == 0:
+            return None
+        if limit is None:
+            if not _small(q, entries, scale, dropout):
+                return None
+        elif entries > limit or not _whole_kind(q, scale, dropout):
             return None
         if attn_mask is not None:
             shapes = call_shapes(q, k, v, attn_mask)
             if shapes is None or shapes.batch != batch:
                 return None  # the mask brings batch dims of its own
-        return _Whole(q, k, v, attn_mask, causal, size)
+        return _Whole(q, k, v, attn_mask, causal, size, (q_shape, v_shape))
 
     def weights(self, scale: float) -> Tensor:
         """``a = M * tanh(scale * q @ k^T)`` as ``(G, n, m)``, recomputed."""
@@ -182,20 +207,37 @@ class _Whole:
         return keep_block_(a, causal_diagonal=self.diagonal, attn_mask=self.mask)
 
     def forward(self, scale: float, need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        """``(o, a)`` (``a`` None unless ``need_weights``), each in memory of its own."""
+        """``(o, a)`` (``a`` None unless ``need_weights``), each in memory of its own: the
+        block formulas' forward in its fewest aten calls (two ``bmm`` and the kernels' tanh,
+        which scales as it reads; the keep-mask only where there is one)."""
         a = self.q.new_empty((*self.batch, self.n, self.m)) if need_weights else None
-        out = None if a is None else a.view(self.size, self.n, self.m)
-        a3 = scores_tanh(self.q, self.k, scale, prescale=False, out=out)
+        a3 = torch.bmm(self.q, self.k.mT, out=None if a is None else self._3d(a))
+        a3 = scaled_tanh_(a3, scale)  # (in place: the scale is in range, see _small)
+        if self.diagonal is not None or self.mask is not None:
+            keep_block_(a3, causal_diagonal=self.diagonal, attn_mask=self.mask)
         o = self.q.new_empty((*self.batch, self.n, self.e))
-        forward_block_(
-            o.view(self.size, self.n, self.e),
-            a3,
-            self.v,
-            causal_diagonal=self.diagonal,
-            attn_mask=self.mask,
-            first=True,
-        )
+        torch.bmm(a3, self.v, out=self._3d(o))
         return o, a
+
+    def graph(self, scale: float, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward` as differentiable aten ops, for autograd to record: ``(o, a)``,
+        views of the ``(G, ...)`` results (``a`` None unless ``need_weights``).
+
+        The scores are scaled and masked before tanh (whose node keeps its result; masked
+        scores are 0, and tanh(0) = 0), all in place on the product, which no node keeps.
+        tanh is torch's here: the kernels' own is not differentiable."""
+        x = torch.bmm(self.q, self.k.mT)
+        if scale != 1.0:
+            x = x.mul_(scale)
+        if self.diagonal is not None or self.mask is not None:
+            x = keep_block_(x, causal_diagonal=self.diagonal, attn_mask=self.mask)
+        a3 = x.tanh_()
+        o = torch.bmm(a3, self.v).view(*self.batch, self.n, self.e)
+        return o, (a3.view(*self.batch, self.n, self.m) if need_weights else None)
+
+    def _3d(self, t: Tensor) -> Tensor:
+        """A contiguous ``(*batch, rows, cols)`` tensor as ``(G, rows, cols)``."""
+        return t.view(self.size, t.shape[-2], t.shape[-1])
 
     def backward(
         self,
@@ -235,6 +277,40 @@ class _Whole:
             first_cols=True,
         )
         return g_q, g_k, g_v
+
+
+def graph(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    scale: float = 1.0,
+    causal: str = "none",
+    *,
+    need_weights: bool = True,
+) -> tuple[Tensor, Tensor | None] | None:
+    """:func:`forward` of a very small call as differentiable aten ops, for autograd to
+    record where a backward may follow (``ops.OpPair.eager``), or None for any other call.
+
+    Args:
+        q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``, one batch shape.
+        attn_mask, scale, causal, need_weights: as for :func:`forward` (no dropout).
+
+    Returns:
+        ``(o, a)`` (``a`` None unless ``need_weights``), ``(*batch, n, e)`` and
+        ``(*batch, n, m)``, where the call has at most ``_GRAPH_MAX_ENTRIES`` score entries
+        and runs as one block (:class:`_Whole`); else None (the caller runs :func:`forward`
+        and :func:`backward` in an autograd.Function).
+
+    Example:
+        >>> q = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+        >>> o, a = graph(q, q, q, causal="top_left")
+        >>> o.sum().backward()
+        >>> q.grad.shape
+        torch.Size([2, 3, 4])
+    """
+    one_block = _Whole.of(q, k, v, attn_mask, scale, causal, None, _GRAPH_MAX_ENTRIES)
+    return None if one_block is None else one_block.graph(scale, need_weights)
 
 
 def _owned(t: Tensor) -> Tensor:

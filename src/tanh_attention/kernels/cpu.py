@@ -300,7 +300,7 @@ def _compiled_tanh_(x: Tensor, scale: float = 1.0) -> Tensor:
         x, scale = scaled(x, scale), 1.0
     if native.try_tanh_(x, scale) is not None:  # (float32 on the CPU: the method's dtype)
         return x
-    return scaled(x, scale).tanh_()  # a layout it does not walk: rare, and as accurate
+    return _scaled_(x, scale).tanh_()  # a layout it does not walk: rare, and as accurate
 
 
 @functools.cache
@@ -630,13 +630,21 @@ def tanh_(x: Tensor) -> Tensor:
 def scaled_tanh_(x: Tensor, scale: float) -> Tensor:
     """``tanh(scale * x)`` of a block of scores ``x`` by :func:`tanh_method`'s method for its
     dtype (``torch.tanh_`` where that is oneDNN's, which needs the product), in ``x``'s memory
-    or a new tensor. A scale beyond the dtype's range saturates (``formulas.scaled``)."""
+    (or, for a scale beyond the dtype's range, which saturates as ``formulas.scaled`` says,
+    a new tensor)."""
     method = method_name(x.dtype, x.device)
     if method == "compiled":
         return _compiled_tanh_(x, scale)
     if method == "sigmoid":
-        return _tanh_from_sigmoid_(scaled(x, 2.0 * scale))
-    return scaled(x, scale).tanh_()
+        return _tanh_from_sigmoid_(_scaled_(x, 2.0 * scale))
+    return _scaled_(x, scale).tanh_()
+
+
+def _scaled_(x: Tensor, scale: float) -> Tensor:
+    """``scale * x`` in x's memory, or (a scale beyond the dtype's range) a new tensor."""
+    if abs(scale) > _largest(x.dtype):
+        return scaled(x, scale)
+    return x if scale == 1.0 else x.mul_(scale)
 
 
 def _scaled_product(q: Tensor, k: Tensor, alpha: float, out: Tensor | None) -> Tensor:
