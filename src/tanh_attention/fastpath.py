@@ -61,12 +61,13 @@ def attn(
         return None
     q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
     rank = len(q_shape)
+    batch = q_shape[:-2]
     if (
         rank < 2
         or len(k_shape) != rank
         or len(v_shape) != rank
-        or q_shape[:-2] != k_shape[:-2]
-        or q_shape[:-2] != v_shape[:-2]
+        or batch != k_shape[:-2]
+        or batch != v_shape[:-2]
         or q_shape[-1] != k_shape[-1]
         or k_shape[-2] != v_shape[-2]
     ):

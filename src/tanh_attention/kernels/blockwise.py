@@ -19,7 +19,9 @@ run on whole tensors instead: there the drivers' own cost exceeds what blocks sa
 (benchmarks/RESULTS.md, "A second machine"); their ``a`` is at most that small. Where q, k
 and v share one batch shape, the whole call is one block of all its problems (``_Whole``:
 the block formulas, with the blocks' tanh); where a batch dim broadcasts, ``formulas.forward``
-/ ``formulas.vjp`` run on the whole tensors (with the kernels' ``kernels.cpu.tanh_``).
+/ ``formulas.vjp`` run on the whole tensors (with the kernels' ``kernels.cpu.tanh_``). The
+very smallest of the one-block calls, where a backward may follow, are recorded as aten ops
+for autograd instead (:func:`graph`, ``_GRAPH_MAX_ENTRIES``).
 
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no
@@ -154,18 +156,8 @@ class _Whole:
     ) -> None:
         (*batch, self.n, self.d), (*_, self.m, self.e) = shapes  # q's and v's
         self.batch, self.size = tuple(batch), size
-        # ((G, rows, features) views, or copies where the batch dims cannot merge.)
-        three = len(batch) == 1
-        self.q = q if three else q.reshape(size, self.n, self.d)
-        self.k = k if three else k.reshape(size, self.m, self.d)
-        self.v = v if three else v.reshape(size, self.m, self.e)
-        diagonal = causal_diagonal(causal, self.n, self.m)
-        # (A diagonal at or past the last column keeps every entry: a decoding step.)
-        self.diagonal = None if diagonal is None or diagonal >= self.m - 1 else diagonal
-        self.mask = None
-        if attn_mask is not None:
-            full = attn_mask.expand(*self.batch, self.n, self.m)
-            self.mask = full.reshape(size, self.n, self.m)
+        self.q, self.k, self.v = _three_d(q, k, v, size, len(batch))
+        self.diagonal, self.mask = _block_keep(attn_mask, causal, self.batch, size, self.n, self.m)
 
     @staticmethod
     def of(
@@ -176,29 +168,19 @@ class _Whole:
         scale: float,
         causal: str,
         dropout: Dropout | None,
-        limit: int | None = None,
     ) -> _Whole | None:
-        """The call as one block, or None where a batch dim broadcasts or where the call is
-        empty (those take ``formulas.py``), and where :func:`_small` says no or, given a
-        ``limit`` (the aten-op graph's, whatever tanh method the kernels use), where it has
-        more score entries or is of another kind (:func:`_whole_kind`)."""
+        """The call as one block, or None where :func:`_small` says no, where a batch dim
+        broadcasts or where the call is empty (those take ``formulas.py``)."""
         q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
         batch = q_shape[:-2]
         if batch != k_shape[:-2] or batch != v_shape[:-2] or 0 in (q_shape[-1], v_shape[-1]):
             return None
         size = math.prod(batch)
         entries = size * q_shape[-2] * k_shape[-2]
-        if entries == 0:
+        if entries == 0 or not _small(q, entries, scale, dropout):
             return None
-        if limit is None:
-            if not _small(q, entries, scale, dropout):
-                return None
-        elif entries > limit or not _whole_kind(q, scale, dropout):
+        if not _mask_fits(q, k, v, attn_mask, batch):
             return None
-        if attn_mask is not None:
-            shapes = call_shapes(q, k, v, attn_mask)
-            if shapes is None or shapes.batch != batch:
-                return None  # the mask brings batch dims of its own
         return _Whole(q, k, v, attn_mask, causal, size, (q_shape, v_shape))
 
     def weights(self, scale: float) -> Tensor:
@@ -218,22 +200,6 @@ class _Whole:
         o = self.q.new_empty((*self.batch, self.n, self.e))
         torch.bmm(a3, self.v, out=self._3d(o))
         return o, a
-
-    def graph(self, scale: float, need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        """:meth:`forward` as differentiable aten ops, for autograd to record: ``(o, a)``,
-        views of the ``(G, ...)`` results (``a`` None unless ``need_weights``).
-
-        The scores are scaled and masked before tanh (whose node keeps its result; masked
-        scores are 0, and tanh(0) = 0), all in place on the product, which no node keeps.
-        tanh is torch's here: the kernels' own is not differentiable."""
-        x = torch.bmm(self.q, self.k.mT)
-        if scale != 1.0:
-            x = x.mul_(scale)
-        if self.diagonal is not None or self.mask is not None:
-            x = keep_block_(x, causal_diagonal=self.diagonal, attn_mask=self.mask)
-        a3 = x.tanh_()
-        o = torch.bmm(a3, self.v).view(*self.batch, self.n, self.e)
-        return o, (a3.view(*self.batch, self.n, self.m) if need_weights else None)
 
     def _3d(self, t: Tensor) -> Tensor:
         """A contiguous ``(*batch, rows, cols)`` tensor as ``(G, rows, cols)``."""
@@ -279,6 +245,34 @@ class _Whole:
         return g_q, g_k, g_v
 
 
+def _three_d(
+    q: Tensor, k: Tensor, v: Tensor, size: int, batch_dims: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v of one batch shape as ``(G, rows, features)``: views, or copies where the
+    batch dims cannot merge."""
+    if batch_dims == 1:
+        return q, k, v
+    return (
+        q.reshape(size, q.shape[-2], q.shape[-1]),
+        k.reshape(size, k.shape[-2], k.shape[-1]),
+        v.reshape(size, v.shape[-2], v.shape[-1]),
+    )
+
+
+def _block_keep(
+    attn_mask: Tensor | None, causal: str, batch: tuple[int, ...], size: int, n: int, m: int
+) -> tuple[int | None, Tensor | None]:
+    """The keep-mask of all ``size`` problems as one block: the causal diagonal (None where
+    it keeps every entry) and the mask as ``(G, n, m)`` (None without one)."""
+    diagonal = causal_diagonal(causal, n, m)
+    # (A diagonal at or past the last column keeps every entry: a decoding step.)
+    if diagonal is not None and diagonal >= m - 1:
+        diagonal = None
+    if attn_mask is None:
+        return diagonal, None
+    return diagonal, attn_mask.expand(*batch, n, m).reshape(size, n, m)
+
+
 def graph(
     q: Tensor,
     k: Tensor,
@@ -298,9 +292,12 @@ def graph(
 
     Returns:
         ``(o, a)`` (``a`` None unless ``need_weights``), ``(*batch, n, e)`` and
-        ``(*batch, n, m)``, where the call has at most ``_GRAPH_MAX_ENTRIES`` score entries
-        and runs as one block (:class:`_Whole`); else None (the caller runs :func:`forward`
-        and :func:`backward` in an autograd.Function).
+        ``(*batch, n, m)`` views of the ``(G, ...)`` results of all problems as one block (as
+        :class:`_Whole` computes them, but with torch's tanh, whose autograd formula the
+        graph needs), where the call has at most ``_GRAPH_MAX_ENTRIES`` score entries, one
+        batch shape, no mask batch dims of its own, and is float32 or float64 with the scale
+        in range; else None (the caller runs :func:`forward` and :func:`backward` in an
+        autograd.Function).
 
     Example:
         >>> q = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -309,8 +306,39 @@ def graph(
         >>> q.grad.shape
         torch.Size([2, 3, 4])
     """
-    one_block = _Whole.of(q, k, v, attn_mask, scale, causal, None, _GRAPH_MAX_ENTRIES)
-    return None if one_block is None else one_block.graph(scale, need_weights)
+    q_shape, v_shape = q.shape, v.shape
+    batch = q_shape[:-2]
+    if batch != k.shape[:-2] or batch != v_shape[:-2]:
+        return None
+    n, d, m, e = q_shape[-2], q_shape[-1], v_shape[-2], v_shape[-1]
+    size = math.prod(batch)
+    if not 0 < size * n * m <= _GRAPH_MAX_ENTRIES or d == 0 or e == 0:
+        return None
+    if not _whole_kind(q, scale, None) or not _mask_fits(q, k, v, attn_mask, batch):
+        return None
+    q3, k3, v3 = _three_d(q, k, v, size, len(batch))
+    diagonal, mask = _block_keep(attn_mask, causal, batch, size, n, m)
+    # Scaled and masked before tanh (whose node keeps its result; masked scores are 0, and
+    # tanh(0) = 0), in place on the product, which no node keeps. tanh is torch's: the
+    # kernels' own is not differentiable.
+    x = torch.bmm(q3, k3.mT)
+    if scale != 1.0:
+        x = x.mul_(scale)
+    if diagonal is not None or mask is not None:
+        x = keep_block_(x, causal_diagonal=diagonal, attn_mask=mask)
+    a3 = x.tanh_()
+    o = torch.bmm(a3, v3).view(*batch, n, e)
+    return o, (a3.view(*batch, n, m) if need_weights else None)
+
+
+def _mask_fits(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, batch: torch.Size
+) -> bool:
+    """Whether the mask (if any) brings no batch dims of its own beyond q's, k's and v's."""
+    if attn_mask is None:
+        return True
+    shapes = call_shapes(q, k, v, attn_mask)
+    return shapes is not None and shapes.batch == batch
 
 
 def _owned(t: Tensor) -> Tensor:
