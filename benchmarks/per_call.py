@@ -1,13 +1,14 @@
 """Per-call cost at small shapes: ``tanh_attention.attn`` against the eager composite.
 
-    .venv/bin/python benchmarks/per_call.py [--threads 1] [--rounds 15]
+    .venv/bin/python benchmarks/per_call.py [--threads 1] [--rounds 15] [--causal]
     PYTHONPATH=/path/to/other/checkout/src .venv/bin/python benchmarks/per_call.py
 
 At n <= 64 a call of either takes tens to hundreds of microseconds, so what ours adds per
 call (validation, dispatch, the autograd node, the kernels' choices) decides the ratio. For
 each shape ``(B, H, n, d)`` (float32, n = m, scale ``1/sqrt(d)``, o only) it times forward
 alone (no grad) and forward+backward (``o.backward``), ours and the composite
-``tanh(q @ k^T * scale) @ v`` taking turns, and prints the best of ``--rounds`` samples of
+``tanh(q @ k^T * scale) @ v`` (with ``--causal``, the scores above the diagonal set to 0
+first) taking turns, and prints the best of ``--rounds`` samples of
 each (a sample is the mean of enough calls to last a few milliseconds). ``--decode M [M
 ...]`` times float32 decoding steps instead: one query against M keys of 32 heads, d = 128,
 ``causal="bottom_right"``, forward alone, with the best and the median. Run it from two
@@ -26,7 +27,16 @@ import torch
 
 import tanh_attention
 
-SHAPES = [(1, 1, 16, 64), (64, 4, 16, 16), (64, 4, 32, 16), (8, 8, 64, 64)]
+SHAPES = [
+    (1, 1, 16, 64),
+    (1, 1, 64, 64),
+    (4, 4, 16, 64),
+    (16, 4, 16, 16),  # 16384 score entries: the largest calls blockwise.graph records
+    (8, 4, 32, 32),  # 32768: the autograd.Function's
+    (64, 4, 16, 16),
+    (64, 4, 32, 16),
+    (8, 8, 64, 64),
+]
 
 
 def _best_us(functions: list[Callable[[], object]], rounds: int, calls: int) -> list[float]:
@@ -44,25 +54,32 @@ def _best_us(functions: list[Callable[[], object]], rounds: int, calls: int) -> 
     return best
 
 
-def _row(b: int, h: int, n: int, d: int, rounds: int) -> str:
+def _row(b: int, h: int, n: int, d: int, rounds: int, causal: bool) -> str:
     q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
     g_o = torch.randn(b, h, n, d)
     scale = d**-0.5
+    dropped = torch.ones(n, n, dtype=torch.bool).triu(1) if causal else None
+
+    def composite() -> torch.Tensor:
+        x = q @ k.mT * scale
+        if dropped is not None:
+            x = x.masked_fill(dropped, 0.0)
+        return torch.tanh(x) @ v
 
     def ours_forward() -> None:
         with torch.no_grad():
-            tanh_attention.attn(q, k, v, scale=scale, need_weights=False)
+            tanh_attention.attn(q, k, v, scale=scale, causal=causal, need_weights=False)
 
     def composite_forward() -> None:
         with torch.no_grad():
-            torch.tanh(q @ k.mT * scale) @ v
+            composite()
 
     def ours_both() -> None:
-        o, _ = tanh_attention.attn(q, k, v, scale=scale, need_weights=False)
+        o, _ = tanh_attention.attn(q, k, v, scale=scale, causal=causal, need_weights=False)
         o.backward(g_o)
 
     def composite_both() -> None:
-        (torch.tanh(q @ k.mT * scale) @ v).backward(g_o)
+        composite().backward(g_o)
 
     calls = max(5, 300 * 16384 // (b * h * n * n * d + 16384))
     f, cf, fb, cfb = _best_us(
@@ -107,16 +124,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--causal", action="store_true", help="top-left causal (not decode)")
     parser.add_argument("--decode", type=int, nargs="+", metavar="M", help="keys per step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}; ours / composite, {args.rounds} rounds taking turns")
+    kind = ", causal" if args.causal else ""
+    print(f"threads {args.threads}{kind}; ours / composite, {args.rounds} rounds taking turns")
     if args.decode:
         for m in args.decode:
             print(_decode_row(m, args.rounds), flush=True)
         return
     for shape in SHAPES:
-        print(_row(*shape, args.rounds), flush=True)
+        print(_row(*shape, args.rounds, args.causal), flush=True)
 
 
 if __name__ == "__main__":

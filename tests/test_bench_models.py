@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,33 @@ def test_bad_arguments_raise() -> None:
         cli.main(["bench", "--threads", "2", "--sizes", "8"])
     with pytest.raises(ValueError, match="--decode and --models"):
         cli.main(["bench", "--models", "--decode"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_one_cpu_pins_every_thread_and_restores_each() -> None:
+    """JAX's one-thread rows run with every thread of the process on one CPU (XLA's pool
+    ignores its thread flags), and each thread gets its own CPU set back afterwards."""
+    started, stop = threading.Event(), threading.Event()
+    seen: dict[str, set[int]] = {}
+
+    def worker() -> None:  # a thread started before, as XLA's pool is
+        seen["before"] = os.sched_getaffinity(0)
+        started.set()
+        stop.wait(10)
+        seen["after"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    started.wait(10)
+    main_before = os.sched_getaffinity(0)
+    assert thread.native_id is not None
+    with bench_models._one_cpu():
+        inside = {
+            os.sched_getaffinity(int(t)) == {min(main_before)}
+            for t in os.listdir("/proc/self/task")
+        }
+        assert inside == {True}
+    stop.set()
+    thread.join(10)
+    assert os.sched_getaffinity(0) == main_before
+    assert seen["after"] == seen["before"]

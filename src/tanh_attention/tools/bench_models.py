@@ -17,8 +17,10 @@ of four implementations, in the same run:
   the reason when compiling fails;
 - ``jax``: ``jax.jit`` of the same composite (``bench``'s JAX runner) when JAX is installed,
   with XLA limited to one thread (set before JAX is first imported, so only when this
-  process has not imported it yet; the report says which flags were in force). The JAX
-  column is measured for the 1-thread rows only: XLA's thread count is fixed at start-up.
+  process has not imported it yet; the report says which flags were in force) and, since
+  XLA's CPU client keeps a thread pool whatever the flags say, every thread of the process
+  pinned to one CPU while JAX runs (Linux; ``jax_pinned`` in the report). The JAX column is
+  measured for the 1-thread rows only: XLA's thread count is fixed at start-up.
 
 Shapes: ``(B, H)`` in ``(1, 1), (4, 4), (64, 4)``, n in {16, 64, 256, 1024}, d in
 {16, 64, 128}, causal and not, without the cases whose ``a`` (``B H n m`` float32) exceeds
@@ -46,13 +48,14 @@ down whatever torch runs next). Every number reported is measured in this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +290,34 @@ def _jax_available() -> bool:
     return importlib.util.find_spec("jax") is not None
 
 
+@contextlib.contextmanager
+def _one_cpu() -> Iterator[None]:
+    """Every thread of this process on one CPU for the duration (Linux; elsewhere nothing).
+
+    XLA's CPU client runs work on a thread pool whatever ``XLA_SINGLE_THREAD`` asks: on the
+    AVX2 AMD EPYC of benchmarks/RESULTS.md, JAX 0.10.2 with those flags spent 1.8 CPU-seconds
+    per second of jit of the 1 x 8 x 1024 x 64 composite. Pinned, a one-thread baseline is
+    one core. Each thread's own set is restored afterwards; threads started meanwhile (by
+    XLA) keep the one CPU."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    cpu = min(os.sched_getaffinity(0))
+    saved: dict[int, set[int]] = {}
+    for tid in (int(name) for name in os.listdir("/proc/self/task")):
+        try:
+            saved[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, {cpu})
+        except OSError:  # (a thread that has just exited)
+            saved.pop(tid, None)
+    try:
+        yield
+    finally:
+        for tid, cpus in saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
+
+
 def _limit_xla_threads() -> str | None:
     """Ask XLA for one thread, if JAX is not imported yet; returns the XLA_FLAGS in force."""
     if "jax" not in sys.modules:
@@ -325,7 +356,9 @@ def _model_row(
         elif threads != 1:
             skipped["jax"] = "XLA runs single-threaded here (its thread count is fixed)"
         else:
-            timed.update(_take_turns({"jax": _runner("jax", config, inputs)}, repeats, target_ms))
+            with _one_cpu():
+                jax_runner = {"jax": _runner("jax", config, inputs)}
+                timed.update(_take_turns(jax_runner, repeats, target_ms))
     ms = {impl: timed[impl]["ms"] for impl in impls if impl in timed}
     ours = ms.get("ours")
     return {
@@ -392,9 +425,10 @@ def run_models(
         partial: called with the report so far after each case.
 
     Returns:
-        A JSON-ready dict: ``machine``, ``xla_flags``, ``rows`` (one per case, path, pass and
-        thread count: ``ms`` and ``ratios`` ours / baseline, ``skipped`` with reasons),
-        ``layer`` (``ms`` of ours and softmax, ``ratio``), ``skipped_shapes`` and ``goals``.
+        A JSON-ready dict: ``machine``, ``xla_flags``, ``jax_pinned``, ``rows`` (one per
+        case, path, pass and thread count: ``ms`` and ``ratios`` ours / baseline, ``skipped``
+        with reasons), ``layer`` (``ms`` of ours and softmax, ``ratio``), ``skipped_shapes``
+        and ``goals``.
 
     Raises:
         ValueError: bad ``threads``, ``repeats``, ``target_ms`` or ``impls``.
@@ -426,6 +460,7 @@ def run_models(
         return {
             "machine": machine_info(),
             "xla_flags": xla_flags,
+            "jax_pinned": hasattr(os, "sched_setaffinity"),
             "repeats": repeats,
             "target_ms": target,
             "threads": list(threads),
