@@ -1266,3 +1266,25 @@ def test_which_calls_record_aten_ops(case: str, graph: bool) -> None:
     tol = {"rtol": 5e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, **tol)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("pair", ["attn", "attn_lean"])
+def test_small_calls_past_the_graph_limit_take_the_function(
+    causal: str, pair: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the aten-op graph off, the same small calls run the kernels under ops._Eager
+    (one block, _Whole): gradcheck and gradgradcheck with a mask, as the graph's test."""
+    monkeypatch.setattr(blockwise, "_GRAPH_MAX_ENTRIES", 0)
+    q, k, v = _graph_inputs((2,), 4, 6, F64, (True, True, True))
+    mask = torch.rand(2, 4, 6, generator=torch.Generator().manual_seed(4)) < 0.7
+    op = getattr(ops, pair)
+
+    def f(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = op(q, k, v, mask, 0.8, causal)
+        o = out[0] if op.weights else out
+        assert type(o.grad_fn).__name__ == "_EagerBackward"
+        return out
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    assert torch.autograd.gradgradcheck(f, (q, k, v))
