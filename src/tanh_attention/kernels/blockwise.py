@@ -151,13 +151,13 @@ class _Whole:
         v: Tensor,
         attn_mask: Tensor | None,
         causal: str,
+        batch: torch.Size,
         size: int,
-        shapes: tuple[torch.Size, torch.Size],
     ) -> None:
-        (*batch, self.n, self.d), (*_, self.m, self.e) = shapes  # q's and v's
-        self.batch, self.size = tuple(batch), size
+        self.batch, self.size = batch, size
+        self.n, self.d, self.m, self.e = q.shape[-2], q.shape[-1], v.shape[-2], v.shape[-1]
         self.q, self.k, self.v = _three_d(q, k, v, size, len(batch))
-        self.diagonal, self.mask = _block_keep(attn_mask, causal, self.batch, size, self.n, self.m)
+        self.diagonal, self.mask = _block_keep(attn_mask, causal, batch, size, self.n, self.m)
 
     @staticmethod
     def of(
@@ -171,17 +171,13 @@ class _Whole:
     ) -> _Whole | None:
         """The call as one block, or None where :func:`_small` says no, where a batch dim
         broadcasts or where the call is empty (those take ``formulas.py``)."""
-        q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
-        batch = q_shape[:-2]
-        if batch != k_shape[:-2] or batch != v_shape[:-2] or 0 in (q_shape[-1], v_shape[-1]):
+        shared = _one_batch(q, k, v)
+        if shared is None:
             return None
-        size = math.prod(batch)
-        entries = size * q_shape[-2] * k_shape[-2]
-        if entries == 0 or not _small(q, entries, scale, dropout):
+        batch, size, entries = shared
+        if not _small(q, entries, scale, dropout) or not _mask_fits(q, k, v, attn_mask, batch):
             return None
-        if not _mask_fits(q, k, v, attn_mask, batch):
-            return None
-        return _Whole(q, k, v, attn_mask, causal, size, (q_shape, v_shape))
+        return _Whole(q, k, v, attn_mask, causal, batch, size)
 
     def weights(self, scale: float) -> Tensor:
         """``a = M * tanh(scale * q @ k^T)`` as ``(G, n, m)``, recomputed."""
@@ -245,6 +241,19 @@ class _Whole:
         return g_q, g_k, g_v
 
 
+def _one_batch(q: Tensor, k: Tensor, v: Tensor) -> tuple[torch.Size, int, int] | None:
+    """``(batch, G, entries)``: the batch shape q, k and v share, its number of problems
+    and of score entries in all; None where a batch dim broadcasts or the call is empty
+    (no problem, query, key or feature), which the one-block paths leave to others."""
+    q_shape, v_shape = q.shape, v.shape
+    batch = q_shape[:-2]
+    if batch != k.shape[:-2] or batch != v_shape[:-2] or 0 in (q_shape[-1], v_shape[-1]):
+        return None
+    size = math.prod(batch)
+    entries = size * q_shape[-2] * v_shape[-2]
+    return None if entries == 0 else (batch, size, entries)
+
+
 def _three_d(
     q: Tensor, k: Tensor, v: Tensor, size: int, batch_dims: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -260,7 +269,7 @@ def _three_d(
 
 
 def _block_keep(
-    attn_mask: Tensor | None, causal: str, batch: tuple[int, ...], size: int, n: int, m: int
+    attn_mask: Tensor | None, causal: str, batch: torch.Size, size: int, n: int, m: int
 ) -> tuple[int | None, Tensor | None]:
     """The keep-mask of all ``size`` problems as one block: the causal diagonal (None where
     it keeps every entry) and the mask as ``(G, n, m)`` (None without one)."""
@@ -306,16 +315,13 @@ def graph(
         >>> q.grad.shape
         torch.Size([2, 3, 4])
     """
-    q_shape, v_shape = q.shape, v.shape
-    batch = q_shape[:-2]
-    if batch != k.shape[:-2] or batch != v_shape[:-2]:
+    shared = _one_batch(q, k, v)
+    if shared is None or shared[2] > _GRAPH_MAX_ENTRIES:
         return None
-    n, d, m, e = q_shape[-2], q_shape[-1], v_shape[-2], v_shape[-1]
-    size = math.prod(batch)
-    if not 0 < size * n * m <= _GRAPH_MAX_ENTRIES or d == 0 or e == 0:
-        return None
+    batch, size, _ = shared
     if not _whole_kind(q, scale, None) or not _mask_fits(q, k, v, attn_mask, batch):
         return None
+    n, m, e = q.shape[-2], v.shape[-2], v.shape[-1]
     q3, k3, v3 = _three_d(q, k, v, size, len(batch))
     diagonal, mask = _block_keep(attn_mask, causal, batch, size, n, m)
     # Scaled and masked before tanh (whose node keeps its result; masked scores are 0, and
