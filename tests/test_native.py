@@ -1,9 +1,11 @@
-"""The compiled tanh (``kernels/native.py``, ``kernels/tanh.c``): how it is built, cached and
-checked, the layouts and threads it takes, and that the kernels fall back cleanly wherever it
-cannot be built. Its accuracy over every float32 input: ``test_tanh_accuracy.py``."""
+"""The compiled kernels (``kernels/native.py``; ``tanh.c``, ``small.c``): how they are built,
+cached and checked, the layouts and threads the tanh takes, and that the kernels fall back
+cleanly wherever they cannot be built. The tanh's accuracy over every float32 input:
+``test_tanh_accuracy.py``; the small-call forward: ``test_native_attn.py``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tanh_attention.kernels import native
 
 needs_compiled = pytest.mark.skipif(
     native.unavailable_reason() is not None,
-    reason=f"the compiled tanh is unavailable here: {native.unavailable_reason()}",
+    reason=f"the compiled kernels are unavailable here: {native.unavailable_reason()}",
 )
 
 
@@ -76,6 +78,16 @@ def test_it_can_be_turned_off(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert not list(fresh.iterdir())
 
 
+@pytest.mark.skipif(
+    native._compiler() is None or bool(os.environ.get("TANH_ATTENTION_NO_COMPILE", "").strip("0 ")),
+    reason="no C compiler here, or the compiled kernels are turned off",
+)
+def test_with_a_compiler_the_kernels_build_and_pass_their_checks() -> None:
+    """Where a compiler is on PATH the library must build, load and pass its checks against
+    float64: a wrong kernel fails here rather than only skipping the tests that need it."""
+    assert native.unavailable_reason() is None
+
+
 @needs_compiled
 def test_an_inaccurate_build_is_refused(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The load-time check has teeth: ask for 0.5 ulp, which the kernel does not give."""
@@ -86,7 +98,7 @@ def test_an_inaccurate_build_is_refused(fresh: Path, monkeypatch: pytest.MonkeyP
 @needs_compiled
 def test_it_is_built_once_into_the_cache(fresh: Path) -> None:
     assert native.unavailable_reason() is None
-    built = list(fresh.glob("tanh-*.so"))
+    built = list(fresh.glob("native-*.so"))
     assert len(built) == 1 and list(fresh.iterdir()) == built  # no temporary file left
     stamp = built[0].stat().st_mtime_ns
     native._load.cache_clear()  # a new process: loads the cached build

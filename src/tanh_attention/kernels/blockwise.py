@@ -66,6 +66,7 @@ from .cpu import (
     scores_tanh,
     tanh_,
 )
+from .native import try_attn
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "graph", "jvp"]
 
@@ -724,6 +725,12 @@ def forward(
     """
     one_block = None
     if block_rows is None and block_cols is None:
+        if attn_mask is None and dropout is None:
+            done = try_attn(
+                q, k, v, scale, causal_diagonal(causal, q.shape[-2], k.shape[-2]), need_weights
+            )
+            if done is not None:
+                return done
         one_block = _Whole.of(q, k, v, attn_mask, scale, causal, dropout)
     if one_block is not None:
         return one_block.forward(scale, need_weights)

@@ -1,18 +1,23 @@
-"""The compiled tanh (``tanh.c``): built on first use with the machine's C compiler, cached,
-loaded with ctypes; where it cannot be, the CPU kernels keep their other tanh methods.
+"""The compiled kernels: built on first use with the machine's C compiler into one library,
+cached, loaded with ctypes; where they cannot be, the CPU kernels keep their other paths.
+
+- ``tanh.c``: the "compiled" tanh method of the CPU kernels (:func:`tanh_`, :func:`try_tanh_`);
+- ``small.c``: the whole forward of a small float32 call (:func:`try_attn`), where the aten
+  ops of a forward cost more per call than their arithmetic.
 
 Why at run time: the package installs as pure Python (no compiler needed, one wheel for
-every machine), and the kernel is one C function with no PyTorch headers, so building it
-takes a fraction of a second. The library is cached per source, compiler and flags in
+every machine), and the kernels are plain C functions with no PyTorch headers, so building
+them takes about a second. The library is cached per source, compiler and flags in
 ``$TANH_ATTENTION_CACHE`` (default ``$XDG_CACHE_HOME/tanh_attention`` or
 ``~/.cache/tanh_attention``), written to a temporary name and renamed, so concurrent
 processes (distributed workers) never load a half-written file. On x86-64 one build holds
 clones for AVX-512, AVX2 and baseline x86-64, chosen by the CPU at load time, so a cache
 shared by different machines is safe. ``TANH_ATTENTION_NO_COMPILE=1`` never builds it.
 
-:func:`unavailable_reason` says why it is not used (no compiler, a failed build, a failed
-load, or an accuracy check that failed on this machine); ``kernels.cpu.tanh_method`` then
-picks among the others, and says so.
+On load both kernels are checked against float64 on this machine. :func:`unavailable_reason`
+says why the library is not used (no compiler, a failed build, a failed load, or a check
+that failed); ``kernels.cpu.tanh_method`` then picks among the other tanh methods, and says
+so, and small calls take the aten ops (``kernels/blockwise.py``).
 """
 
 from __future__ import annotations
@@ -26,18 +31,39 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_ERROR", "MAX_ULP", "tanh_", "try_tanh_", "unavailable_reason"]
+__all__ = [
+    "MAX_ERROR",
+    "MAX_ULP",
+    "SMALL_MAX_ENTRIES",
+    "SMALL_MAX_WORK",
+    "tanh_",
+    "try_attn",
+    "try_tanh_",
+    "unavailable_reason",
+]
 
 # The kernel's promise for every float32 input (tanh.c; tests/test_tanh_accuracy.py sweeps
 # it): within MAX_ULP float32 ulp of tanh, and within MAX_ERROR absolutely.
 MAX_ULP = 5.0
 MAX_ERROR = 2.0**-22
 
-_SOURCE = Path(__file__).with_name("tanh.c")
+# The calls small.c serves (try_attn): at most this many multiply-adds, G * n * m * (d + e),
+# and this many score entries a problem (one problem's scores stay in a core's L2 cache).
+# Measured against the aten path on the AVX2 AMD EPYC of benchmarks/RESULTS.md, one thread,
+# forward o-only: 1 x 1 x 16 x 64 9 us against 56 (the composite 26), 64 x 4 x 16 x 128
+# (2**24 multiply-adds) 700 us against 780; past that the gain is within the noise, and at
+# n = m = 1024 the aten path's blocks win (5.8 ms against 3.8).
+SMALL_MAX_WORK = 2**24
+SMALL_MAX_ENTRIES = 65536
+
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "tanh.c", _HERE / "small.c")
+_HEADERS = (_HERE / "native.h",)
 _NO_COMPILE_ENV = "TANH_ATTENTION_NO_COMPILE"
 _CACHE_ENV = "TANH_ATTENTION_CACHE"
 # Tried in order until one builds: OpenMP (threads) and per-CPU clones, then fewer features.
@@ -63,15 +89,15 @@ def _cache_dir() -> Path:
 
 
 def _targets(compiler: str) -> list[tuple[list[str], Path]]:
-    """Each build attempt's flags and cached library, keyed by source, compiler and flags."""
-    source = _SOURCE.read_bytes()
+    """Each build attempt's flags and cached library, keyed by sources, compiler and flags."""
+    source = b"\0".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     targets = []
     for extra in _ATTEMPTS:
         flags = [*_BASE_FLAGS, *extra]
         key = hashlib.sha256(
             b"\0".join([source, compiler.encode(), " ".join(flags).encode(), sys.platform.encode()])
         ).hexdigest()[:16]
-        targets.append((flags, _cache_dir() / f"tanh-{key}.so"))
+        targets.append((flags, _cache_dir() / f"native-{key}.so"))
     return targets
 
 
@@ -92,7 +118,7 @@ def _build(compiler: str) -> tuple[Path | None, str]:
             os.close(fd)
         except OSError as e:
             return None, f"cannot write the build cache {directory} ({e}); set {_CACHE_ENV}"
-        command = [compiler, *flags, str(_SOURCE), "-o", partial]
+        command = [compiler, *flags, *map(str, _SOURCES), "-o", partial]
         try:
             done = subprocess.run(
                 command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False
@@ -135,9 +161,44 @@ def _check(function: ctypes._CFuncPtr) -> str | None:  # type: ignore[name-defin
     return None if bool(nan.isnan()) else "the compiled tanh does not keep NaN here"
 
 
+def _check_attn(attn: ctypes._CFuncPtr) -> str | None:  # type: ignore[name-defined]
+    """Why this build's small-call forward is wrong here (None: it is right), on problems
+    whose shapes need every padding, each causal diagonal kind, and one thread and two."""
+    gen = torch.Generator().manual_seed(0)
+    groups, n, m, d, e, scale = 3, 5, 19, 7, 9, 0.3
+    q, k, v = (
+        torch.randn(groups, rows, cols, generator=gen) for rows, cols in ((n, d), (m, d), (m, e))
+    )
+    rows = torch.arange(n).unsqueeze(-1)
+    for diagonal, threads in ((m, 1), (0, 2), (-2, 1), (m - n, 2)):
+        o, a = torch.empty(groups, n, e), torch.empty(groups, n, m)
+        failed = attn(*_pointers(q, k, v, o, a), groups, n, m, d, e, scale, diagonal, threads)
+        keep = torch.arange(m) <= rows + diagonal
+        a_ref = torch.tanh(scale * q.double() @ k.double().mT) * keep
+        o_ref = a_ref @ v.double()
+        if failed or not (
+            torch.equal(a[:, ~keep], torch.zeros_like(a[:, ~keep]))
+            and (a.double() - a_ref).abs().max().item() <= 1e-6
+            and (o.double() - o_ref).abs().max().item() <= 1e-5
+        ):
+            return f"the compiled small-call forward is wrong here (causal diagonal {diagonal})"
+    return None
+
+
+def _pointers(*tensors: Tensor | None) -> list[int | None]:
+    return [None if t is None else t.data_ptr() for t in tensors]
+
+
+class _Library(NamedTuple):
+    """The loaded library's kernels (argument types set)."""
+
+    tanh: ctypes._CFuncPtr  # type: ignore[name-defined]
+    attn: ctypes._CFuncPtr  # type: ignore[name-defined]
+
+
 @functools.cache
-def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:  # type: ignore[name-defined]
-    """The kernel, or None and why not (decided once per process)."""
+def _load() -> tuple[_Library | None, str | None]:
+    """The kernels, or None and why not (decided once per process)."""
     if os.environ.get(_NO_COMPILE_ENV, "").strip() not in ("", "0"):
         return None, f"{_NO_COMPILE_ENV} is set"
     compiler = _compiler()
@@ -147,24 +208,22 @@ def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:  # type: ignore[name-
     if path is None:
         return None, why
     try:
-        function = ctypes.CDLL(str(path)).ta_tanh_f32
+        library = ctypes.CDLL(str(path))
+        tanh, attn = library.ta_tanh_f32, library.ta_attn_small_f32
     except (OSError, AttributeError) as e:
-        return None, f"cannot load the compiled tanh {path}: {e}"
-    function.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_float,
-        ctypes.c_int,
-    ]
-    function.restype = None
-    bad = _check(function)
-    return (None, bad) if bad else (function, None)
+        return None, f"cannot load the compiled kernels {path}: {e}"
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    tanh.argtypes = [pointer, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+    tanh.restype = None
+    attn.argtypes = [*[pointer] * 5, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
+    attn.restype = ctypes.c_int
+    bad = _check(tanh) or _check_attn(attn)
+    return (None, bad) if bad else (_Library(tanh, attn), None)
 
 
 def unavailable_reason() -> str | None:
-    """Why the compiled tanh cannot serve here, or None if it can (builds it on first call)."""
+    """Why the compiled kernels cannot serve here, or None if they can (builds them on first
+    call)."""
     return _load()[1]
 
 
@@ -203,8 +262,8 @@ def tanh_(x: Tensor, scale: float = 1.0) -> Tensor:
         >>> if unavailable_reason() is None:
         ...     assert torch.allclose(tanh_(x.clone(), 0.5), torch.tanh(0.5 * x))
     """
-    function, why = _load()
-    if function is None:
+    library, why = _load()
+    if library is None:
         raise RuntimeError(f"tanh_attention: the compiled tanh is unavailable: {why}")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"tanh_(): expected a float32 CPU tensor, got {x.dtype} on {x.device}")
@@ -227,7 +286,74 @@ def try_tanh_(x: Tensor, scale: float = 1.0) -> Tensor | None:
         return None
     rows, cols, stride = layout
     if rows * cols:
-        function = _load()[0]
-        assert function is not None
-        function(x.data_ptr(), rows, cols, stride, scale, torch.get_num_threads())
+        library = _load()[0]
+        assert library is not None
+        library.tanh(x.data_ptr(), rows, cols, stride, scale, torch.get_num_threads())
     return x
+
+
+def try_attn(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: int | None, need_weights: bool
+) -> tuple[Tensor, Tensor | None] | None:
+    """The forward of a small call by ``small.c``: ``o = a @ v`` with
+    ``a = M * tanh(scale * q @ k^T)``.
+
+    Args:
+        q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
+        scale: applied in float32 to the finished scores.
+        diagonal: entry ``(i, j)`` is kept iff ``j <= i + diagonal``; None: every entry.
+        need_weights: also return ``a``.
+
+    Returns:
+        ``(o, a)``: ``(..., n, e)`` and ``(..., n, m)`` (None unless ``need_weights``), in
+        memory of their own; or None, having computed nothing, for any call it does not
+        serve: the kernels unavailable, an input not a contiguous float32 CPU tensor, batch
+        shapes that differ, a size 0, a scale beyond float32's range, or more than
+        ``SMALL_MAX_WORK`` multiply-adds or ``SMALL_MAX_ENTRIES`` scores a problem. (It
+        checks all of that itself: the kernel reads raw memory.)
+    """
+    library = _load()[0]
+    dtype = torch.float32
+    if (
+        library is None
+        or q.dtype is not dtype
+        or k.dtype is not dtype
+        or v.dtype is not dtype
+        or not (q.is_cpu and k.is_cpu and v.is_cpu)
+        or not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+        or not abs(scale) <= _FLOAT32_MAX
+        or q.dim() < 2
+        or k.dim() != q.dim()
+        or v.dim() != q.dim()
+    ):
+        return None
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    batch = q_shape[:-2]
+    n, d, m, e = q_shape[-2], q_shape[-1], v_shape[-2], v_shape[-1]
+    if (
+        k_shape[:-2] != batch
+        or v_shape[:-2] != batch
+        or k_shape[-1] != d
+        or k_shape[-2] != m
+        or 0 in q_shape
+        or 0 in v_shape
+        or n * m > SMALL_MAX_ENTRIES
+    ):
+        return None
+    groups = q.numel() // (n * d)
+    if groups * n * m * (d + e) > SMALL_MAX_WORK:
+        return None
+    o = q.new_empty((*batch, n, e))
+    a = q.new_empty((*batch, n, m)) if need_weights else None
+    failed = library.attn(
+        *_pointers(q, k, v, o, a),
+        groups,
+        n,
+        m,
+        d,
+        e,
+        scale,
+        m if diagonal is None else diagonal,
+        torch.get_num_threads(),
+    )
+    return None if failed else (o, a)
