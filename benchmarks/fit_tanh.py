@@ -1,4 +1,4 @@
-"""The coefficients of the compiled tanh (``src/tanh_attention/kernels/tanh.c``).
+"""The coefficients of the compiled tanh (``src/tanh_attention/kernels/native.h``).
 
     python benchmarks/fit_tanh.py [--p 3] [--q 3] [--top 5]
 
