@@ -31,7 +31,7 @@ from torch.autograd import forward_ad as fwAD
 import tanh_attention
 from samples import keep_mask, reference
 from tanh_attention import ops
-from tanh_attention.kernels import blockwise
+from tanh_attention.kernels import blockwise, native
 from tanh_attention.kernels import cpu as cpu_kernels
 
 F64 = torch.float64
@@ -232,6 +232,14 @@ def test_zero_sizes(causal: str) -> None:
 # --------------------------------------------------------------------------------------------
 # The blocks causal skips, and the zeros of a there
 # --------------------------------------------------------------------------------------------
+
+
+def _without_small_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn the compiled small-call kernels off, for tests of the paths they would take over
+    (they have tests of their own in test_native_attn.py)."""
+    monkeypatch.setattr(blockwise, "try_attn", lambda *args: None)
+    monkeypatch.setattr(blockwise, "try_attn_backward", lambda *args: None)
+    monkeypatch.setattr(blockwise, "serves", lambda *args: False)
 
 
 def _record(
@@ -980,6 +988,7 @@ def test_many_small_problems_float32(
     """A batch of short sequences runs as grouped blocks (one oneDNN grouped convolution per
     block where this CPU has it): forward, backward from a and recomputing, against the
     float64 reference, at float32 accuracy; masks shared by all problems, by some, or own."""
+    _without_small_kernels(monkeypatch)
     calls = []
     grouped = cpu_kernels._onednn_grouped
     monkeypatch.setattr(cpu_kernels, "_onednn_grouped", lambda *a: calls.append(1) or grouped(*a))
@@ -1083,9 +1092,7 @@ def test_small_calls_take_the_whole_tensor_formulas(
     saved a, with each tanh method (the whole-tensor paths take the kernels' tanh, here at
     every size)."""
     monkeypatch.setattr(cpu_kernels, "_SIGMOID_MIN_ENTRIES", 0)
-    # (The compiled small-call forward would take the float32 calls without a mask; it has
-    # tests of its own in test_native.py.)
-    monkeypatch.setattr(blockwise, "try_attn", lambda *args: None)
+    _without_small_kernels(monkeypatch)
     sigmoid_calls = _record(monkeypatch, "_tanh_from_sigmoid_", module=cpu_kernels)
     compiled_calls = _record(monkeypatch, "try_tanh_", module=cpu_kernels.native)
     one_block = q_shape[:-2] == k_shape[:-2]  # (v shares k's batch here)
@@ -1187,7 +1194,9 @@ def test_smallest_differentiable_calls_record_aten_ops(
     """A call with a backward ahead and at most _GRAPH_MAX_ENTRIES score entries, one batch
     shape, is recorded as aten ops (no ops._Eager node, no kernels): values and gradients of
     both outputs against the float64 reference, with a mask, each causal variant, and only
-    some inputs requiring grad."""
+    some inputs requiring grad. (The compiled small-call kernels, which take such float32
+    calls without a mask where they are available, are off here.)"""
+    _without_small_kernels(monkeypatch)
     forward_calls = _record(monkeypatch, "forward", module=blockwise._Whole)
     q, k, v = _graph_inputs((2, 3), 5, 7, dtype, grads)
     mask = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(2)) < 0.6
@@ -1240,11 +1249,19 @@ def test_smallest_calls_twice_differentiable(causal: str) -> None:
         ("no grad", False),
     ],
 )
-def test_which_calls_record_aten_ops(case: str, graph: bool) -> None:
+@pytest.mark.parametrize("small_kernels", [True, False], ids=["compiled", "no_compiled"])
+def test_which_calls_record_aten_ops(
+    case: str, graph: bool, small_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only differentiable calls of one batch shape, at most _GRAPH_MAX_ENTRIES score
-    entries, float32 or float64 with the scale in range and no dropout take the aten ops;
-    the others the kernels (ops._Eager, whose tanh is the machine's fastest). Each gives
-    the float64 reference's gradients."""
+    entries, float32 or float64 with the scale in range and no dropout take the aten ops,
+    unless the compiled small-call kernels serve them (these float32 ones, where the kernels
+    are available); the others the kernels (ops._Eager). Each gives the float64 reference's
+    gradients."""
+    if small_kernels:
+        graph = graph and native.unavailable_reason() is not None
+    else:
+        _without_small_kernels(monkeypatch)
     limit = blockwise._GRAPH_MAX_ENTRIES
     n = 8
     batch: tuple[int, ...] = (2, limit // (2 * n * n))

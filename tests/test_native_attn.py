@@ -1,7 +1,8 @@
-"""The compiled small-call forward (``kernels/small.c`` through ``native.try_attn``): its
-values against the float64 reference at every padding and causal case, on one thread and
-two, non-finite inputs, the calls it declines (it reads raw memory, so it must check for
-itself), its load-time check, and which calls reach it."""
+"""The compiled small-call kernels (``kernels/small.c`` through ``native.try_attn`` and
+``native.try_attn_backward``): forward values and gradients against float64 (the reference's
+autograd, and the VJP from the definition for non-finite inputs) at every padding and causal
+case, on one thread and two; the calls they decline (they read raw memory, so they must check
+for themselves); the load-time check; and which calls reach them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import tanh_attention
-from samples import reference
+from samples import keep_mask, reference
 from tanh_attention.formulas import causal_diagonal
 from tanh_attention.kernels import blockwise, native
 
@@ -65,6 +66,72 @@ def _check(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: str, need_weig
     assert torch.equal(a[masked], torch.zeros_like(a[masked]))
 
 
+def _vjp(
+    g_o: Tensor | None,
+    g_a: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    causal: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The VJP from the definition, in float64 (a dropped entry's score gradient is exactly
+    0, whatever flows into it):
+    ``g_x = M * (g_o v^T + g_a) * (1 - a^2)``, ``g_q = scale g_x k``, ``g_k = scale g_x^T q``,
+    ``g_v = a^T g_o``."""
+    q, k, v = (x.double() for x in (q, k, v))
+    a = reference(q, k, v, None, scale, causal)[1]
+    big = torch.zeros_like(a)
+    if g_o is not None:
+        big = big + g_o.double() @ v.mT
+    if g_a is not None:
+        big = big + g_a.double()
+    g_x = torch.where(keep_mask(a.shape[-2], a.shape[-1], causal), big * (1 - a * a), 0.0)
+    g_v = torch.zeros_like(v) if g_o is None else a.mT @ g_o.double()
+    return scale * g_x @ k, scale * g_x.mT @ q, g_v
+
+
+def _check_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    causal: str,
+    outputs: str,
+    saved: bool,
+    seed: int = 1,
+) -> None:
+    """try_attn_backward serves the call, and its gradients agree with autograd of the
+    float64 reference and with the VJP from the definition (NaN and infinity included)."""
+    n, m = q.shape[-2], k.shape[-2]
+    diagonal = causal_diagonal(causal, n, m)
+    gen = torch.Generator().manual_seed(seed)
+    g_o = torch.randn(*q.shape[:-1], v.shape[-1], generator=gen) if "o" in outputs else None
+    g_a = torch.randn(*q.shape[:-1], m, generator=gen) if "a" in outputs else None
+    a = None
+    if saved:
+        done = native.try_attn(q, k, v, scale, diagonal, True)
+        assert done is not None
+        a = done[1]
+    got = native.try_attn_backward(g_o, g_a, q, k, v, a, scale, diagonal)
+    assert got is not None, "the call was declined"
+    want = _vjp(g_o, g_a, q, k, v, scale, causal)
+    tol = {"rtol": 1e-5, "atol": 4e-6 * max(q.shape[-1], m, n)}
+    for g, w, x in zip(got, want, (q, k, v), strict=True):
+        assert g.dtype == F32 and g.shape == x.shape and g.is_contiguous()
+        torch.testing.assert_close(g.double(), w, equal_nan=True, **tol)
+    if all(torch.isfinite(x).all() for x in (q, k, v)):
+        leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        o_ref, a_ref = reference(*leaves, None, scale, causal)
+        pairs = [(o, g) for o, g in ((o_ref, g_o), (a_ref, g_a)) if g is not None]
+        autograd = torch.autograd.grad(
+            [o for o, _ in pairs], leaves, [g.double() for _, g in pairs], allow_unused=True
+        )
+        for g, w in zip(got, autograd, strict=True):
+            w = torch.zeros_like(g, dtype=torch.float64) if w is None else w
+            torch.testing.assert_close(g.double(), w, **tol)
+
+
 SHAPES = [
     # (batch, n, m, d, e): rows and columns that need no padding, and each that does
     ((), 16, 16, 64, 64),
@@ -97,13 +164,34 @@ def test_matches_the_reference(
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("saved", [True, False], ids=["saved_a", "recomputed_a"])
+@pytest.mark.parametrize("outputs", ["o", "a", "oa"])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize(("batch", "n", "m", "d", "e"), SHAPES, ids=str)
+def test_gradients_match_the_reference(
+    batch: tuple[int, ...],
+    n: int,
+    m: int,
+    d: int,
+    e: int,
+    causal: str,
+    outputs: str,
+    saved: bool,
+    threads: int,
+) -> None:
+    q, k, v = _inputs(batch, n, m, d, e)
+    _check_backward(q, k, v, 1 / math.sqrt(d), causal, outputs, saved)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_problems_split_over_threads(causal: str, threads: int) -> None:
-    """Enough work for the parallel region (TA_SMALL_PARALLEL_MIN), an odd number of
+    """Enough work for the parallel region (native.SMALL_PARALLEL_MIN), an odd number of
     problems so the shares differ."""
     q, k, v = _inputs((7,), 64, 64, 40, 24)
-    assert 7 * 64 * 64 * (40 + 24) >= 2**20
+    assert native.SMALL_PARALLEL_MIN <= 7 * 64 * 64 * (40 + 24)
     _check(q, k, v, 0.2, causal, need_weights=True)
+    _check_backward(q, k, v, 0.2, causal, "oa", saved=False)
 
 
 @settings(max_examples=60, deadline=None)
@@ -131,6 +219,7 @@ def test_any_small_shape(
 ) -> None:
     q, k, v = _inputs(batch, n, m, d, e, seed)
     _check(q, k, v, scale, causal, need_weights)
+    _check_backward(q, k, v, scale, causal, "oa" if need_weights else "o", saved=need_weights)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
@@ -145,6 +234,8 @@ def test_nonfinite_inputs_propagate_as_in_the_composite(
     q, k, v = _inputs((2,), 5, 7, 3, 5)
     {"q": q[0, 0], "k": k[0, -1], "v": v[0, -1]}[where][0] = value
     _check(q, k, v, 0.5, causal, need_weights=True)
+    for saved in (True, False):
+        _check_backward(q, k, v, 0.5, causal, "oa", saved)
 
 
 def test_huge_scores_saturate() -> None:
@@ -194,12 +285,57 @@ def test_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _declined(q, k, v)
 
 
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_declines_one_problem_large_enough_for_threads(threads: int) -> None:
+    """The kernels split problems over threads: one problem with enough work for two
+    threads is left to aten's products, which use both; with two problems it is served."""
+    q, k, v = _inputs((1,), 128, 128, 32, 32)
+    assert native.SMALL_PARALLEL_MIN <= 128 * 128 * 64
+    assert _declined(q, k, v)
+    assert native.try_attn_backward(q, None, q, k, v, None, 0.5, None) is None
+    q, k, v = _inputs((2,), 128, 128, 32, 32)
+    assert not _declined(q, k, v)
+
+
+def test_backward_declines_gradients_it_cannot_read() -> None:
+    q, k, v = _inputs((2, 3), 4, 5, 6, 7)
+    g_o, a = torch.randn(2, 3, 4, 7), torch.randn(2, 3, 4, 5)
+
+    def declined(*args: Any) -> bool:
+        return native.try_attn_backward(*args, q, k, v, a, 0.5, None) is None
+
+    assert not declined(g_o, None)
+    assert declined(g_o.double(), None)
+    assert declined(g_o[..., :6], None)  # not o's shape
+    assert declined(g_o[:1], None)  # a batch dim that broadcasts
+    assert declined(None, a[..., :4])  # not a's shape
+    assert declined(None, a.double())
+    assert native.try_attn_backward(g_o, None, q, k, v, a[0], 0.5, None) is None
+    assert native.try_attn_backward(g_o, None, q, k, v.double(), None, 0.5, None) is None
+
+
+def test_backward_copies_gradients_that_are_not_contiguous() -> None:
+    """A broadcast gradient (what ``o.sum().backward()`` sends) is read as its values."""
+    q, k, v = _inputs((2,), 4, 5, 6, 7)
+    g_o = torch.ones(()).expand(2, 4, 7)
+    got = native.try_attn_backward(g_o, None, q, k, v, None, 0.5, 0)
+    want = native.try_attn_backward(g_o.contiguous(), None, q, k, v, None, 0.5, 0)
+    assert got is not None and want is not None
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    for g, w in zip(got, _vjp(g_o, None, q, k, v, 0.5, "top_left"), strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+
+
 def test_the_load_check_refuses_a_wrong_kernel() -> None:
     """The check on load has teeth: a kernel that writes nothing, or one that says it
-    failed, is refused."""
-    assert native._check_attn(native._load()[0].attn) is None  # type: ignore[union-attr]
-    assert "wrong" in str(native._check_attn(lambda *args: 0))
-    assert "wrong" in str(native._check_attn(lambda *args: 1))
+    failed, is refused, forward or backward."""
+    library = native._load()[0]
+    assert library is not None
+    assert native._check_attn(library.attn, library.backward) is None
+    for wrong in (lambda *args: 0, lambda *args: 1):
+        assert "wrong" in str(native._check_attn(wrong, library.backward))
+        assert "wrong" in str(native._check_attn(library.attn, wrong))
 
 
 def _record_try_attn(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
@@ -252,3 +388,37 @@ def test_other_calls_take_the_other_paths(monkeypatch: pytest.MonkeyPatch) -> No
         assert served == [False]
         want = reference(*(x.double() for x in inputs), None, 0.5, "top_left")[0]
         torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_small_training_calls_reach_it(
+    causal: bool | str, need_weights: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tanh_attention.attn of a small float32 call that is differentiated: the forward and
+    the backward by the compiled kernels (not the aten ops of blockwise.graph, which cost
+    more), and gradients right."""
+    served = _record_try_attn(monkeypatch)
+    served_backward: list[bool] = []
+    real = blockwise.try_attn_backward
+
+    def recording(*args: Any) -> Any:
+        out = real(*args)
+        served_backward.append(out is not None)
+        return out
+
+    monkeypatch.setattr(blockwise, "try_attn_backward", recording)
+    q, k, v = (x.requires_grad_() for x in _inputs((2, 4), 8, 12, 16, 16))
+    o, a = tanh_attention.attn(q, k, v, scale=0.3, causal=causal, need_weights=need_weights)
+    gen = torch.Generator().manual_seed(2)
+    outputs = [o] if a is None else [o, a]
+    grads_out = [torch.randn(t.shape, generator=gen) for t in outputs]
+    got = torch.autograd.grad(outputs, (q, k, v), grads_out)
+    assert served == [True] and served_backward == [True]
+    variant = {False: "none", True: "top_left"}.get(causal, causal)  # type: ignore[call-overload]
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o_ref, a_ref = reference(*leaves, None, 0.3, variant)
+    refs = [o_ref] if a is None else [o_ref, a_ref]
+    want = torch.autograd.grad(refs, leaves, [g.double() for g in grads_out])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=2e-5)

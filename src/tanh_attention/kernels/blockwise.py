@@ -22,10 +22,11 @@ the block formulas, with the blocks' tanh); where a batch dim broadcasts, ``form
 / ``formulas.vjp`` run on the whole tensors (with the kernels' ``kernels.cpu.tanh_``). The
 very smallest of the one-block calls, where a backward may follow, are recorded as aten ops
 for autograd instead (:func:`graph`, ``_GRAPH_MAX_ENTRIES``). Before all of these, the forward
-of a float32 call without a mask or dropout goes to the compiled small-call forward
-(``kernels/small.c`` through ``native.try_attn``) where that serves it (contiguous inputs of
-one batch shape, at most ``native.SMALL_MAX_WORK`` multiply-adds): one C call instead of a
-dozen aten calls, each of which costs microseconds before it computes.
+and the backward of a float32 call without a mask or dropout go to the compiled small-call
+kernels (``kernels/small.c`` through ``native.try_attn`` and ``native.try_attn_backward``)
+where those serve it (contiguous inputs of one batch shape, at most ``native.SMALL_MAX_WORK``
+multiply-adds): one C call instead of a dozen aten calls, each of which costs microseconds
+before it computes; such calls are never recorded as aten ops.
 
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no
@@ -70,7 +71,7 @@ from .cpu import (
     scores_tanh,
     tanh_,
 )
-from .native import try_attn
+from .native import serves, try_attn, try_attn_backward
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "graph", "jvp"]
 
@@ -108,11 +109,14 @@ _PLAIN_MAX_ENTRIES = 65536
 
 
 # Calls of at most this many score entries that share one batch shape and may be
-# differentiated are recorded as aten ops (``graph``), whose autograd nodes are C++: an
-# autograd.Function's Python forward and backward (ops._Eager) cost more than their
-# arithmetic. Beyond it the kernels' faster tanh pays for the Function (on the AVX2 AMD EPYC
-# of benchmarks/RESULTS.md, o-only forward+backward against the composite: 4 x 4 x 16 x 16
-# 1.30x by the Function, 0.89x as aten ops; 8 x 4 x 32 x 32, 32768 entries, 0.96x and 0.95x).
+# differentiated are recorded as aten ops (``graph``), whose autograd nodes are C++, unless
+# the compiled small-call kernels serve them: an autograd.Function (ops._Eager) whose forward
+# and backward are aten calls in Python costs more than their arithmetic. Beyond it the
+# kernels' faster tanh pays for the Function (on the AVX2 AMD EPYC of benchmarks/RESULTS.md,
+# o-only forward+backward against the composite: 4 x 4 x 16 x 16 1.30x by the Function with
+# aten calls, 0.89x as aten ops; 8 x 4 x 32 x 32, 32768 entries, 0.96x and 0.95x; with the
+# compiled kernels' forward and backward, 1 x 1 x 16 x 64 0.83x by the Function, 1.07x as
+# aten ops).
 _GRAPH_MAX_ENTRIES = 16384
 
 
@@ -310,8 +314,8 @@ def graph(
         :class:`_Whole` computes them, but with torch's tanh, whose autograd formula the
         graph needs), where the call has at most ``_GRAPH_MAX_ENTRIES`` score entries, one
         batch shape, no mask batch dims of its own, and is float32 or float64 with the scale
-        in range; else None (the caller runs :func:`forward` and :func:`backward` in an
-        autograd.Function).
+        in range, and the compiled small-call kernels do not serve it; else None (the caller
+        runs :func:`forward` and :func:`backward` in an autograd.Function).
 
     Example:
         >>> q = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -323,6 +327,8 @@ def graph(
     shared = _one_batch(q, k, v)
     if shared is None or shared[2] > _GRAPH_MAX_ENTRIES:
         return None
+    if attn_mask is None and serves(q, k, v, scale):
+        return None  # (the compiled kernels' forward and backward cost less: see above)
     batch, size, _ = shared
     if not _whole_kind(q, scale, None) or not _mask_fits(q, k, v, attn_mask, batch):
         return None
@@ -869,6 +875,12 @@ def backward(
         return None, None, None
     one_block = None
     if block_rows is None and block_cols is None:
+        if attn_mask is None and dropout is None:
+            diagonal = causal_diagonal(causal, q.shape[-2], k.shape[-2])
+            done = try_attn_backward(grad_o, grad_a, q, k, v, a, scale, diagonal)
+            if done is not None:
+                g_q, g_k, g_v = done
+                return (g_q if need_q else None, g_k if need_k else None, g_v if need_v else None)
         one_block = _Whole.of(q, k, v, attn_mask, scale, causal, dropout)
     if one_block is not None:
         return one_block.backward(grad_o, grad_a, a, scale, (need_q, need_k, need_v))

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,8 +41,11 @@ __all__ = [
     "MAX_ULP",
     "SMALL_MAX_ENTRIES",
     "SMALL_MAX_WORK",
+    "SMALL_PARALLEL_MIN",
+    "serves",
     "tanh_",
     "try_attn",
+    "try_attn_backward",
     "try_tanh_",
     "unavailable_reason",
 ]
@@ -60,6 +63,8 @@ MAX_ERROR = 2.0**-22
 # n = m = 1024 the aten path's blocks win (5.8 ms against 3.8).
 SMALL_MAX_WORK = 2**24
 SMALL_MAX_ENTRIES = 65536
+# Calls with at least this many multiply-adds split their problems over torch's threads.
+SMALL_PARALLEL_MIN = 2**20
 
 _HERE = Path(__file__).parent
 _SOURCES = (_HERE / "tanh.c", _HERE / "small.c")
@@ -161,27 +166,55 @@ def _check(function: ctypes._CFuncPtr) -> str | None:  # type: ignore[name-defin
     return None if bool(nan.isnan()) else "the compiled tanh does not keep NaN here"
 
 
-def _check_attn(attn: ctypes._CFuncPtr) -> str | None:  # type: ignore[name-defined]
-    """Why this build's small-call forward is wrong here (None: it is right), on problems
-    whose shapes need every padding, each causal diagonal kind, and one thread and two."""
+def _check_attn(attn: Any, backward: Any) -> str | None:
+    """Why this build's small-call forward or backward is wrong here (None: both are right),
+    against float64 on problems whose shapes need every padding, each kind of causal
+    diagonal, one thread and two, with and without a saved ``a`` and ``g_a``."""
     gen = torch.Generator().manual_seed(0)
     groups, n, m, d, e, scale = 3, 5, 19, 7, 9, 0.3
     q, k, v = (
         torch.randn(groups, rows, cols, generator=gen) for rows, cols in ((n, d), (m, d), (m, e))
     )
+    g_o, g_a = torch.randn(groups, n, e, generator=gen), torch.randn(groups, n, m, generator=gen)
     rows = torch.arange(n).unsqueeze(-1)
     for diagonal, threads in ((m, 1), (0, 2), (-2, 1), (m - n, 2)):
+        keep = torch.arange(m) <= rows + diagonal
+        # The VJP by hand (this may run where autograd is off; the tests use autograd).
+        q64, k64, v64, g_o64 = q.double(), k.double(), v.double(), g_o.double()
+        a_ref = torch.where(keep, torch.tanh(scale * q64 @ k64.mT), 0.0)
+        o_ref = a_ref @ v64
+        g_s = torch.where(keep, (g_o64 @ v64.mT + g_a.double()) * (1 - a_ref**2), 0.0) * scale
+        grads_ref = (g_s @ k64, g_s.mT @ q64, a_ref.mT @ g_o64)
         o, a = torch.empty(groups, n, e), torch.empty(groups, n, m)
         failed = attn(*_pointers(q, k, v, o, a), groups, n, m, d, e, scale, diagonal, threads)
-        keep = torch.arange(m) <= rows + diagonal
-        a_ref = torch.tanh(scale * q.double() @ k.double().mT) * keep
-        o_ref = a_ref @ v.double()
-        if failed or not (
+        right = not failed and (
             torch.equal(a[:, ~keep], torch.zeros_like(a[:, ~keep]))
             and (a.double() - a_ref).abs().max().item() <= 1e-6
             and (o.double() - o_ref).abs().max().item() <= 1e-5
-        ):
-            return f"the compiled small-call forward is wrong here (causal diagonal {diagonal})"
+        )
+        for saved in (a, None):
+            grads = [torch.empty_like(t) for t in (q, k, v)]
+            failed = backward(
+                *_pointers(q, k, v, saved, g_o, g_a, *grads),
+                groups,
+                n,
+                m,
+                d,
+                e,
+                scale,
+                diagonal,
+                threads,
+            )
+            right = (
+                right
+                and not failed
+                and all(
+                    (got.double() - want).abs().max().item() <= 1e-5
+                    for got, want in zip(grads, grads_ref, strict=True)
+                )
+            )
+        if not right:
+            return f"the compiled small-call kernels are wrong here (causal diagonal {diagonal})"
     return None
 
 
@@ -192,8 +225,9 @@ def _pointers(*tensors: Tensor | None) -> list[int | None]:
 class _Library(NamedTuple):
     """The loaded library's kernels (argument types set)."""
 
-    tanh: ctypes._CFuncPtr  # type: ignore[name-defined]
-    attn: ctypes._CFuncPtr  # type: ignore[name-defined]
+    tanh: Any
+    attn: Any
+    backward: Any
 
 
 @functools.cache
@@ -210,6 +244,7 @@ def _load() -> tuple[_Library | None, str | None]:
     try:
         library = ctypes.CDLL(str(path))
         tanh, attn = library.ta_tanh_f32, library.ta_attn_small_f32
+        backward = library.ta_attn_small_backward_f32
     except (OSError, AttributeError) as e:
         return None, f"cannot load the compiled kernels {path}: {e}"
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
@@ -217,8 +252,10 @@ def _load() -> tuple[_Library | None, str | None]:
     tanh.restype = None
     attn.argtypes = [*[pointer] * 5, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
     attn.restype = ctypes.c_int
-    bad = _check(tanh) or _check_attn(attn)
-    return (None, bad) if bad else (_Library(tanh, attn), None)
+    backward.argtypes = [*[pointer] * 9, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
+    backward.restype = ctypes.c_int
+    bad = _check(tanh) or _check_attn(attn, backward)
+    return (None, bad) if bad else (_Library(tanh, attn, backward), None)
 
 
 def unavailable_reason() -> str | None:
@@ -292,26 +329,21 @@ def try_tanh_(x: Tensor, scale: float = 1.0) -> Tensor | None:
     return x
 
 
-def try_attn(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: int | None, need_weights: bool
-) -> tuple[Tensor, Tensor | None] | None:
-    """The forward of a small call by ``small.c``: ``o = a @ v`` with
-    ``a = M * tanh(scale * q @ k^T)``.
+class _Call(NamedTuple):
+    """A call the small-call kernels serve: its library, sizes and threads."""
 
-    Args:
-        q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
-        scale: applied in float32 to the finished scores.
-        diagonal: entry ``(i, j)`` is kept iff ``j <= i + diagonal``; None: every entry.
-        need_weights: also return ``a``.
+    library: _Library
+    batch: torch.Size
+    groups: int
+    n: int
+    m: int
+    d: int
+    e: int
+    threads: int
 
-    Returns:
-        ``(o, a)``: ``(..., n, e)`` and ``(..., n, m)`` (None unless ``need_weights``), in
-        memory of their own; or None, having computed nothing, for any call it does not
-        serve: the kernels unavailable, an input not a contiguous float32 CPU tensor, batch
-        shapes that differ, a size 0, a scale beyond float32's range, or more than
-        ``SMALL_MAX_WORK`` multiply-adds or ``SMALL_MAX_ENTRIES`` scores a problem. (It
-        checks all of that itself: the kernel reads raw memory.)
-    """
+
+def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
+    """The call, where the small-call kernels serve it (see :func:`try_attn`), else None."""
     library = _load()[0]
     dtype = torch.float32
     if (
@@ -340,25 +372,113 @@ def try_attn(
     ):
         return None
     groups = q.numel() // (n * d)
-    if groups * n * m * (d + e) > SMALL_MAX_WORK:
+    work = groups * n * m * (d + e)
+    threads = torch.get_num_threads() if work >= SMALL_PARALLEL_MIN else 1
+    if work > SMALL_MAX_WORK or (threads > 1 and groups < threads):
+        # (The kernels split problems over threads; fewer problems than threads leave
+        # threads idle where aten's products would use them.)
         return None
+    return _Call(library, batch, groups, n, m, d, e, threads)
+
+
+def serves(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
+    """Whether :func:`try_attn` and :func:`try_attn_backward` serve a call of these inputs
+    (no mask, no dropout)."""
+    return _served(q, k, v, scale) is not None
+
+
+def try_attn(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: int | None, need_weights: bool
+) -> tuple[Tensor, Tensor | None] | None:
+    """The forward of a small call by ``small.c``: ``o = a @ v`` with
+    ``a = M * tanh(scale * q @ k^T)``.
+
+    Args:
+        q: ``(..., n, d)``.  k: ``(..., m, d)``.  v: ``(..., m, e)``.
+        scale: applied in float32 to the finished scores.
+        diagonal: entry ``(i, j)`` is kept iff ``j <= i + diagonal``; None: every entry.
+        need_weights: also return ``a``.
+
+    Returns:
+        ``(o, a)``: ``(..., n, e)`` and ``(..., n, m)`` (None unless ``need_weights``), in
+        memory of their own; or None, having computed nothing, for any call it does not
+        serve: the kernels unavailable, an input not a contiguous float32 CPU tensor, batch
+        shapes that differ, a size 0, a scale beyond float32's range, more than
+        ``SMALL_MAX_WORK`` multiply-adds or ``SMALL_MAX_ENTRIES`` scores a problem, or fewer
+        problems than threads in a call large enough for threads (``SMALL_PARALLEL_MIN``).
+        (It checks all of that itself: the kernel reads raw memory.)
+    """
+    call = _served(q, k, v, scale)
+    if call is None:
+        return None
+    batch, n, m = call.batch, call.n, call.m
     # (new_empty with the sizes as arguments: a tuple costs a microsecond more, a share of
     # the smallest calls)
-    o = q.new_empty(*batch, n, e)
+    o = q.new_empty(*batch, n, call.e)
     a = q.new_empty(*batch, n, m) if need_weights else None
-    failed = library.attn(
+    failed = call.library.attn(
         q.data_ptr(),
         k.data_ptr(),
         v.data_ptr(),
         o.data_ptr(),
         None if a is None else a.data_ptr(),
-        groups,
+        call.groups,
         n,
         m,
-        d,
+        call.d,
+        call.e,
+        scale,
+        m if diagonal is None else diagonal,
+        call.threads,
+    )
+    return None if failed else (o, a)
+
+
+def try_attn_backward(
+    grad_o: Tensor | None,
+    grad_a: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor | None,
+    scale: float,
+    diagonal: int | None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The VJP of :func:`try_attn`'s forward by ``small.c``: ``(g_q, g_k, g_v)``.
+
+    Args:
+        grad_o: ``(..., n, e)`` or None (zero).  grad_a: ``(..., n, m)`` or None (zero).
+        q, k, v, scale, diagonal: as for :func:`try_attn`.
+        a: the forward's ``(..., n, m)`` weights, or None (recomputed).
+
+    Returns:
+        The three gradients, shaped like q, k and v, in memory of their own; or None, having
+        computed nothing, for any call :func:`try_attn` would not serve or whose gradients
+        or ``a`` are not float32 CPU tensors of their shapes. (Gradients that are not
+        contiguous, as a broadcast one from ``sum()``, are copied.)
+    """
+    call = _served(q, k, v, scale)
+    if call is None:
+        return None
+    batch, n, m, e = call.batch, call.n, call.m, call.e
+    given = []
+    for t, cols in ((grad_o, e), (grad_a, m), (a, m)):
+        if t is not None:
+            if t.dtype is not torch.float32 or not t.is_cpu or t.shape != (*batch, n, cols):
+                return None
+            t = t.contiguous()
+        given.append(t)
+    grad_o, grad_a, a = given
+    g_q, g_k, g_v = (torch.empty_like(t) for t in (q, k, v))
+    failed = call.library.backward(
+        *_pointers(q, k, v, a, grad_o, grad_a, g_q, g_k, g_v),
+        call.groups,
+        n,
+        m,
+        call.d,
         e,
         scale,
         m if diagonal is None else diagonal,
-        torch.get_num_threads(),
+        call.threads,
     )
-    return None if failed else (o, a)
+    return None if failed else (g_q, g_k, g_v)
