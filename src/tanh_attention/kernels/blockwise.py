@@ -879,8 +879,12 @@ def backward(
             diagonal = causal_diagonal(causal, q.shape[-2], k.shape[-2])
             done = try_attn_backward(grad_o, grad_a, q, k, v, a, scale, diagonal)
             if done is not None:
-                g_q, g_k, g_v = done
-                return (g_q if need_q else None, g_k if need_k else None, g_v if need_v else None)
+                small_q, small_k, small_v = done
+                return (
+                    small_q if need_q else None,
+                    small_k if need_k else None,
+                    small_v if need_v else None,
+                )
         one_block = _Whole.of(q, k, v, attn_mask, scale, causal, dropout)
     if one_block is not None:
         return one_block.backward(grad_o, grad_a, a, scale, (need_q, need_k, need_v))
