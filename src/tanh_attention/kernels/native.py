@@ -39,7 +39,9 @@ from torch import Tensor
 __all__ = [
     "MAX_ERROR",
     "MAX_ULP",
+    "SMALL_BACKWARD_MAX_ENTRIES",
     "SMALL_MAX_ENTRIES",
+    "SMALL_MAX_KEYS_PER_QUERY",
     "SMALL_MAX_WORK",
     "SMALL_PARALLEL_MIN",
     "serves",
@@ -63,6 +65,15 @@ MAX_ERROR = 2.0**-22
 # n = m = 1024 the aten path's blocks win (5.8 ms against 3.8).
 SMALL_MAX_WORK = 2**24
 SMALL_MAX_ENTRIES = 65536
+# The backward's limit of scores a problem: it holds four n x m matrices (the weights, their
+# gradient and two transposes), which past this no longer stay in a 512 KiB L2 (the full
+# sweep of benchmarks/RESULTS.md: 1 x 1 x 256 x 128 forward+backward 1.16x the composite
+# with it, 0.97x without).
+SMALL_BACKWARD_MAX_ENTRIES = 16384
+# At most this many keys a query: the kernels transpose each problem's k, which costs about
+# as much as the products where few queries meet many keys (a decoding step: 32 x 1 x 1024 x
+# 128 took 10.7 ms in C, 4.0 ms through aten, 4.5 ms the composite).
+SMALL_MAX_KEYS_PER_QUERY = 16
 # Calls with at least this many multiply-adds split their problems over torch's threads.
 SMALL_PARALLEL_MIN = 2**20
 
@@ -369,6 +380,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
         or 0 in q_shape
         or 0 in v_shape
         or n * m > SMALL_MAX_ENTRIES
+        or m > SMALL_MAX_KEYS_PER_QUERY * n
     ):
         return None
     groups = q.numel() // (n * d)
@@ -382,9 +394,10 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
 
 
 def serves(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
-    """Whether :func:`try_attn` and :func:`try_attn_backward` serve a call of these inputs
-    (no mask, no dropout)."""
-    return _served(q, k, v, scale) is not None
+    """Whether :func:`try_attn` and :func:`try_attn_backward` both serve a call of these
+    inputs (no mask, no dropout; gradients and ``a`` of their shapes)."""
+    call = _served(q, k, v, scale)
+    return call is not None and call.n * call.m <= SMALL_BACKWARD_MAX_ENTRIES
 
 
 def try_attn(
@@ -404,8 +417,9 @@ def try_attn(
         memory of their own; or None, having computed nothing, for any call it does not
         serve: the kernels unavailable, an input not a contiguous float32 CPU tensor, batch
         shapes that differ, a size 0, a scale beyond float32's range, more than
-        ``SMALL_MAX_WORK`` multiply-adds or ``SMALL_MAX_ENTRIES`` scores a problem, or fewer
-        problems than threads in a call large enough for threads (``SMALL_PARALLEL_MIN``).
+        ``SMALL_MAX_WORK`` multiply-adds, ``SMALL_MAX_ENTRIES`` scores a problem or
+        ``SMALL_MAX_KEYS_PER_QUERY`` keys a query (decoding steps), or fewer problems than
+        threads in a call large enough for threads (``SMALL_PARALLEL_MIN``).
         (It checks all of that itself: the kernel reads raw memory.)
     """
     call = _served(q, k, v, scale)
@@ -453,12 +467,13 @@ def try_attn_backward(
 
     Returns:
         The three gradients, shaped like q, k and v, in memory of their own; or None, having
-        computed nothing, for any call :func:`try_attn` would not serve or whose gradients
-        or ``a`` are not float32 CPU tensors of their shapes. (Gradients that are not
+        computed nothing, for any call :func:`try_attn` would not serve, with more than
+        ``SMALL_BACKWARD_MAX_ENTRIES`` scores a problem, or whose gradients or ``a`` are not
+        float32 CPU tensors of their shapes. (Gradients that are not
         contiguous, as a broadcast one from ``sum()``, are copied.)
     """
     call = _served(q, k, v, scale)
-    if call is None:
+    if call is None or call.n * call.m > SMALL_BACKWARD_MAX_ENTRIES:
         return None
     batch, n, m, e = call.batch, call.n, call.m, call.e
     given = []
