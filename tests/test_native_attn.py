@@ -290,14 +290,15 @@ def test_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
 def test_declines_one_problem_large_enough_for_threads(threads: int) -> None:
-    """The kernels split problems over threads: one problem with enough work for two
-    threads is left to aten's products, which use both; with two problems it is served."""
-    q, k, v = _inputs((1,), 128, 128, 32, 32)
-    assert native.SMALL_PARALLEL_MIN <= 128 * 128 * 64
+    """The kernels split problems over threads: one problem with more work than one thread
+    should do is left to aten's products, which use both; with two problems it is served,
+    and so is one problem of less work."""
+    q, k, v = _inputs((1,), 128, 128, 96, 96)
+    assert native.SMALL_SERIAL_MAX_WORK < 128 * 128 * 192
     assert _declined(q, k, v)
     assert native.try_attn_backward(q, None, q, k, v, None, 0.5, None) is None
-    q, k, v = _inputs((2,), 128, 128, 32, 32)
-    assert not _declined(q, k, v)
+    assert not _declined(*_inputs((2,), 128, 128, 96, 96))
+    assert not _declined(*_inputs((1,), 64, 64, 64, 64))
 
 
 def test_backward_declines_gradients_it_cannot_read() -> None:

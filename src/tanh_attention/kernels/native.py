@@ -44,6 +44,7 @@ __all__ = [
     "SMALL_MAX_KEYS_PER_QUERY",
     "SMALL_MAX_WORK",
     "SMALL_PARALLEL_MIN",
+    "SMALL_SERIAL_MAX_WORK",
     "serves",
     "tanh_",
     "try_attn",
@@ -76,6 +77,11 @@ SMALL_BACKWARD_MAX_ENTRIES = 16384
 SMALL_MAX_KEYS_PER_QUERY = 16
 # Calls with at least this many multiply-adds split their problems over torch's threads.
 SMALL_PARALLEL_MIN = 2**20
+# A call with fewer problems than threads runs them on one thread each, so past this many
+# multiply-adds it is left to aten, whose products use every thread (two threads, 1 x 1 x n
+# x d forward against the composite: 128 x 64, 2**21, 0.88x in C, 1.20x through aten;
+# 128 x 128 1.25x and 1.12x).
+SMALL_SERIAL_MAX_WORK = 2**21
 
 _HERE = Path(__file__).parent
 _SOURCES = (_HERE / "tanh.c", _HERE / "small.c")
@@ -386,7 +392,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
     groups = q.numel() // (n * d)
     work = groups * n * m * (d + e)
     threads = torch.get_num_threads() if work >= SMALL_PARALLEL_MIN else 1
-    if work > SMALL_MAX_WORK or (threads > 1 and groups < threads):
+    if work > SMALL_MAX_WORK or (threads > 1 and groups < threads and work > SMALL_SERIAL_MAX_WORK):
         # (The kernels split problems over threads; fewer problems than threads leave
         # threads idle where aten's products would use them.)
         return None
@@ -419,7 +425,7 @@ def try_attn(
         shapes that differ, a size 0, a scale beyond float32's range, more than
         ``SMALL_MAX_WORK`` multiply-adds, ``SMALL_MAX_ENTRIES`` scores a problem or
         ``SMALL_MAX_KEYS_PER_QUERY`` keys a query (decoding steps), or fewer problems than
-        threads in a call large enough for threads (``SMALL_PARALLEL_MIN``).
+        threads in a call of more than ``SMALL_SERIAL_MAX_WORK`` multiply-adds.
         (It checks all of that itself: the kernel reads raw memory.)
     """
     call = _served(q, k, v, scale)
