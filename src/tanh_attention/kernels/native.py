@@ -2,8 +2,9 @@
 cached, loaded with ctypes; where they cannot be, the CPU kernels keep their other paths.
 
 - ``tanh.c``: the "compiled" tanh method of the CPU kernels (:func:`tanh_`, :func:`try_tanh_`);
-- ``small.c``: the whole forward of a small float32 call (:func:`try_attn`), where the aten
-  ops of a forward cost more per call than their arithmetic.
+- ``small.c``: the whole forward and the whole backward of a small float32 call
+  (:func:`try_attn`, :func:`try_attn_backward`), where aten ops cost more per call than
+  their arithmetic.
 
 Why at run time: the package installs as pure Python (no compiler needed, one wheel for
 every machine), and the kernels are plain C functions with no PyTorch headers, so building
@@ -58,8 +59,9 @@ __all__ = [
 MAX_ULP = 5.0
 MAX_ERROR = 2.0**-22
 
-# The calls small.c serves (try_attn): at most this many multiply-adds, G * n * m * (d + e),
-# and this many score entries a problem (one problem's scores stay in a core's L2 cache).
+# The calls small.c serves (try_attn, try_attn_backward): at most this many multiply-adds,
+# G * n * m * (d + e), and this many score entries a problem (one problem's scores stay in a
+# core's L2 cache).
 # Measured against the aten path on the AVX2 AMD EPYC of benchmarks/RESULTS.md, one thread,
 # forward o-only: 1 x 1 x 16 x 64 9 us against 56 (the composite 26), 64 x 4 x 16 x 128
 # (2**24 multiply-adds) 700 us against 780; past that the gain is within the noise, and at
@@ -186,7 +188,7 @@ def _check(function: ctypes._CFuncPtr) -> str | None:  # type: ignore[name-defin
 def _check_attn(attn: Any, backward: Any) -> str | None:
     """Why this build's small-call forward or backward is wrong here (None: both are right),
     against float64 on problems whose shapes need every padding, each kind of causal
-    diagonal, one thread and two, with and without a saved ``a`` and ``g_a``."""
+    diagonal, one thread and two, with a saved and a recomputed ``a``."""
     gen = torch.Generator().manual_seed(0)
     groups, n, m, d, e, scale = 3, 5, 19, 7, 9, 0.3
     q, k, v = (
