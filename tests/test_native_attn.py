@@ -342,17 +342,18 @@ def test_the_load_check_refuses_a_wrong_kernel() -> None:
         assert "wrong" in str(native._check_attn(library.attn, wrong))
 
 
-def _record_try_attn(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Calls of blockwise's try_attn: True for each call it served."""
+def _record_served(monkeypatch: pytest.MonkeyPatch, name: str) -> list[bool]:
+    """Calls of blockwise's ``name`` (try_attn or try_attn_backward): True for each call it
+    served."""
     served: list[bool] = []
-    real = blockwise.try_attn
+    real = getattr(blockwise, name)
 
     def recording(*args: Any) -> Any:
         out = real(*args)
         served.append(out is not None)
         return out
 
-    monkeypatch.setattr(blockwise, "try_attn", recording)
+    monkeypatch.setattr(blockwise, name, recording)
     return served
 
 
@@ -363,7 +364,7 @@ def test_small_inference_calls_reach_it(
 ) -> None:
     """tanh_attention.attn of a small float32 call with nothing to differentiate: computed
     by the compiled forward, and right."""
-    served = _record_try_attn(monkeypatch)
+    served = _record_served(monkeypatch, "try_attn")
     q, k, v = _inputs((2, 4), 16, 24, 32, 32)
     with torch.no_grad():
         o, a = tanh_attention.attn(q, k, v, scale=0.3, causal=causal, need_weights=need_weights)
@@ -379,7 +380,7 @@ def test_small_inference_calls_reach_it(
 
 def test_other_calls_take_the_other_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """A mask, float64 or a broadcast batch dim: not served (and still right)."""
-    served = _record_try_attn(monkeypatch)
+    served = _record_served(monkeypatch, "try_attn")
     q, k, v = _inputs((2, 3), 6, 8, 4, 5)
     mask = torch.rand(6, 8, generator=torch.Generator().manual_seed(0)) < 0.6
     o, _ = blockwise.forward(q, k, v, mask, 0.5, "none")
@@ -402,16 +403,8 @@ def test_small_training_calls_reach_it(
     """tanh_attention.attn of a small float32 call that is differentiated: the forward and
     the backward by the compiled kernels (not the aten ops of blockwise.graph, which cost
     more), and gradients right."""
-    served = _record_try_attn(monkeypatch)
-    served_backward: list[bool] = []
-    real = blockwise.try_attn_backward
-
-    def recording(*args: Any) -> Any:
-        out = real(*args)
-        served_backward.append(out is not None)
-        return out
-
-    monkeypatch.setattr(blockwise, "try_attn_backward", recording)
+    served = _record_served(monkeypatch, "try_attn")
+    served_backward = _record_served(monkeypatch, "try_attn_backward")
     q, k, v = (x.requires_grad_() for x in _inputs((2, 4), 8, 12, 16, 16))
     o, a = tanh_attention.attn(q, k, v, scale=0.3, causal=causal, need_weights=need_weights)
     gen = torch.Generator().manual_seed(2)

@@ -361,8 +361,9 @@ class _Call(NamedTuple):
     threads: int
 
 
-def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
-    """The call, where the small-call kernels serve it (see :func:`try_attn`), else None."""
+def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, backward: bool = False) -> _Call | None:
+    """The call, where the small-call kernels serve it (see :func:`try_attn`; with
+    ``backward``, also :func:`try_attn_backward`'s limit), else None."""
     library = _load()[0]
     dtype = torch.float32
     if (
@@ -387,7 +388,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
         or not (batch == k_shape[:-2] == v_shape[:-2])
         or 0 in q_shape
         or 0 in v_shape
-        or n * m > SMALL_MAX_ENTRIES
+        or n * m > (SMALL_BACKWARD_MAX_ENTRIES if backward else SMALL_MAX_ENTRIES)
         or m > SMALL_MAX_KEYS_PER_QUERY * n
     ):
         return None
@@ -404,8 +405,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
 def serves(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
     """Whether :func:`try_attn` and :func:`try_attn_backward` both serve a call of these
     inputs (no mask, no dropout; gradients and ``a`` of their shapes)."""
-    call = _served(q, k, v, scale)
-    return call is not None and call.n * call.m <= SMALL_BACKWARD_MAX_ENTRIES
+    return _served(q, k, v, scale, backward=True) is not None
 
 
 def try_attn(
@@ -480,8 +480,8 @@ def try_attn_backward(
         float32 CPU tensors of their shapes. (Gradients that are not
         contiguous, as a broadcast one from ``sum()``, are copied.)
     """
-    call = _served(q, k, v, scale)
-    if call is None or call.n * call.m > SMALL_BACKWARD_MAX_ENTRIES:
+    call = _served(q, k, v, scale, backward=True)
+    if call is None:
         return None
     batch, n, m, e = call.batch, call.n, call.m, call.e
     given = []

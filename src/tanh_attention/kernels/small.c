@@ -121,7 +121,8 @@ static int64_t kept(int64_t i, int64_t m, int64_t diagonal) {
     return last < 0 ? 0 : (last > m ? m : last);
 }
 
-/* The sizes of one problem and the scratch its products need (floats). */
+/* The sizes of one problem and their padded sizes (np, mp, dp, ep: rows of the left operand
+ * to a multiple of R or columns of the right one to a multiple of L; mr: m rows to R). */
 typedef struct {
     int64_t n, m, d, e, np, mp, mr, dp, ep;
 } sizes;
