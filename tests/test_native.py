@@ -1,7 +1,7 @@
-"""The compiled kernels (``kernels/native.py``; ``tanh.c``, ``small.c``): how they are built,
+"""The compiled kernels (``kernels/native.py``; ``tanh.c``, ``attn.c``): how they are built,
 cached and checked, the layouts and threads the tanh takes, and that the kernels fall back
 cleanly wherever they cannot be built. The tanh's accuracy over every float32 input:
-``test_tanh_accuracy.py``; the small-call forward: ``test_native_attn.py``."""
+``test_tanh_accuracy.py``; the attention kernels: ``test_native_attn.py``."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""The compiled small-call kernels (``kernels/small.c`` through ``native.try_attn`` and
+"""The compiled attention kernels (``kernels/attn.c`` through ``native.try_attn`` and
 ``native.try_attn_backward``): forward values and gradients against float64 (the reference's
-autograd, and the VJP from the definition for non-finite inputs) at every padding and causal
-case, on one thread and two; the calls they decline (they read raw memory, so they must check
-for themselves); the load-time check; and which calls reach them."""
+autograd, and the VJP from the definition for non-finite inputs) at sizes on and off the
+register block, each causal case, the forward's blocks of rows, one thread and two; the
+calls they decline (they read raw memory, so they must check for themselves); the load-time
+check; and which calls reach them."""
 
 from __future__ import annotations
 
@@ -193,12 +194,56 @@ def test_gradients_match_the_reference(
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_problems_split_over_threads(causal: str, threads: int) -> None:
-    """Enough work for the parallel region (native.SMALL_PARALLEL_MIN), an odd number of
+    """Enough work for the parallel region (native.PARALLEL_MIN), an odd number of
     problems so the shares differ."""
     q, k, v = _inputs((7,), 64, 64, 40, 24)
-    assert native.SMALL_PARALLEL_MIN <= 7 * 64 * 64 * (40 + 24)
+    assert native.PARALLEL_MIN <= 7 * 64 * 64 * (40 + 24)
     _check(q, k, v, 0.2, causal, need_weights=True)
     _check_backward(q, k, v, 0.2, causal, "oa", saved=False)
+
+
+# Forward calls of several blocks of rows (attn.c: at most 32768 scores a block, causal
+# blocks of 12 rows, at least one block a thread): last blocks and register blocks of fewer
+# rows, and problems whose blocks two threads share.
+LONG = [
+    ((2,), 70, 600, 8, 20),  # blocks of 48 rows: 48 + 22
+    ((), 200, 200, 33, 17),  # 156 + 44; one problem for two threads
+    ((3,), 64, 1024, 16, 16),  # blocks of 30 (+ 4): weights written straight into a
+    ((), 100, 20, 4, 4),  # n > m: bottom-right blocks that keep nothing
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize(("batch", "n", "m", "d", "e"), LONG, ids=str)
+def test_forward_in_blocks_of_rows(
+    batch: tuple[int, ...],
+    n: int,
+    m: int,
+    d: int,
+    e: int,
+    causal: str,
+    need_weights: bool,
+    threads: int,
+) -> None:
+    q, k, v = _inputs(batch, n, m, d, e, seed=3)
+    _check(q, k, v, 1 / math.sqrt(d), causal, need_weights)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["v_first", "v_last", "k_last"])
+@pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
+def test_causal_blocks_skip_only_where_v_is_finite(
+    causal: str, where: str, value: float, threads: int
+) -> None:
+    """Causal blocks stop at their last row's diagonal only where v is finite: a NaN or
+    infinity in a row of v that a block would skip still meets the masked 0 of every row,
+    as in the composite's ``a @ v``; one in k's masked columns changes nothing."""
+    q, k, v = _inputs((2,), 40, 300, 8, 8, seed=4)
+    {"v_first": v[0, 0], "v_last": v[0, -1], "k_last": k[1, -1]}[where][0] = value
+    _check(q, k, v, 0.5, causal, need_weights=True)
 
 
 @settings(max_examples=60, deadline=None)
@@ -224,7 +269,7 @@ def test_any_small_shape(
     scale: float,
     seed: int,
 ) -> None:
-    assume(m <= native.SMALL_MAX_KEYS_PER_QUERY * n)  # (more: a decoding step, declined)
+    assume(m <= native.MAX_KEYS_PER_QUERY * n)  # (more: a decoding step, declined)
     q, k, v = _inputs(batch, n, m, d, e, seed)
     _check(q, k, v, scale, causal, need_weights)
     _check_backward(q, k, v, scale, causal, "oa" if need_weights else "o", saved=need_weights)
@@ -284,28 +329,40 @@ def test_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _declined(q, k, v, scale=math.nan)
     assert _declined(*_inputs((2,), 1, 17, 4, 4))  # a decoding step: more than 16 keys a query
     assert not _declined(*_inputs((2,), 1, 16, 4, 4))
-    big = _inputs((), 257, 256, 1, 1)
-    assert native.SMALL_MAX_ENTRIES < 257 * 256
-    assert _declined(*big)
-    monkeypatch.setattr(native, "SMALL_MAX_WORK", 2 * 3 * 4 * 5 * (6 + 7) - 1)
-    assert _declined(q, k, v)
-    monkeypatch.setattr(native, "SMALL_MAX_WORK", 2 * 3 * 4 * 5 * (6 + 7))
-    assert not _declined(q, k, v)
     monkeypatch.setattr(native, "_load", lambda: (None, "unavailable in this test"))
     assert _declined(q, k, v)
 
 
+def _backward_declined(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    g_o = torch.ones(*q.shape[:-1], v.shape[-1])
+    return native.try_attn_backward(g_o, None, q, k, v, None, 0.5, None) is None
+
+
+def test_backward_declines_large_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's limits (scores a problem, multiply-adds in all); the forward serves
+    such calls."""
+    q, k, v = _inputs((2, 3), 4, 5, 6, 1)
+    assert not _backward_declined(q, k, v)
+    big = _inputs((), 129, 128, 1, 1)
+    assert native.BACKWARD_MAX_ENTRIES < 129 * 128
+    assert _backward_declined(*big) and not _declined(*big)
+    monkeypatch.setattr(native, "BACKWARD_MAX_WORK", 2 * 3 * 4 * 5 * (6 + 1) - 1)
+    assert _backward_declined(q, k, v) and not _declined(q, k, v)
+    monkeypatch.setattr(native, "BACKWARD_MAX_WORK", 2 * 3 * 4 * 5 * (6 + 1))
+    assert not _backward_declined(q, k, v)
+
+
 @pytest.mark.parametrize("threads", [2], indirect=True)
-def test_declines_one_problem_large_enough_for_threads(threads: int) -> None:
-    """The kernels split problems over threads: one problem with more work than one thread
-    should do is left to aten's products, which use both; with two problems it is served,
-    and so is one problem of less work."""
+def test_backward_declines_one_problem_large_enough_for_threads(threads: int) -> None:
+    """The backward splits problems over threads: one problem with more work than one
+    thread should do is left to aten's products, which use both; with two problems it is
+    served, and so is one problem of less work. (The forward splits rows: it serves all.)"""
     q, k, v = _inputs((1,), 128, 128, 96, 96)
-    assert native.SMALL_SERIAL_MAX_WORK < 128 * 128 * 192
-    assert _declined(q, k, v)
-    assert native.try_attn_backward(q, None, q, k, v, None, 0.5, None) is None
-    assert not _declined(*_inputs((2,), 128, 128, 96, 96))
-    assert not _declined(*_inputs((1,), 64, 64, 64, 64))
+    assert native.BACKWARD_SERIAL_MAX_WORK < 128 * 128 * 192
+    assert _backward_declined(q, k, v)
+    assert not _declined(q, k, v)
+    assert not _backward_declined(*_inputs((2,), 128, 128, 96, 96))
+    assert not _backward_declined(*_inputs((1,), 64, 64, 64, 64))
 
 
 def test_backward_declines_gradients_it_cannot_read() -> None:

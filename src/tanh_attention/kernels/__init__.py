@@ -8,7 +8,8 @@ Nothing here registers an op or knows about autograd (``ops.py`` does that).
 - :mod:`.blockwise`: the blocked forward, backward and JVP drivers of the CPU backend.
 - :mod:`.memory`: a warm heap for the block buffers.
 - :mod:`.native`: the compiled C kernels (``tanh.c``: the tanh of float32 blocks;
-  ``small.c``: the whole forward and backward of a small float32 call), built on first use.
+  ``attn.c``: the whole forward of a float32 call, the whole backward of a small one), built
+  on first use.
 - :mod:`.triton_attn`: the fused Triton kernels of the GPU backend.
 
 Kernels are tested against the float64 reference of ``tests/samples.py``, never against

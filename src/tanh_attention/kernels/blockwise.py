@@ -21,12 +21,13 @@ and v share one batch shape, the whole call is one block of all its problems (``
 the block formulas, with the blocks' tanh); where a batch dim broadcasts, ``formulas.forward``
 / ``formulas.vjp`` run on the whole tensors (with the kernels' ``kernels.cpu.tanh_``). The
 very smallest of the one-block calls, where a backward may follow, are recorded as aten ops
-for autograd instead (:func:`graph`, ``_GRAPH_MAX_ENTRIES``). Before all of these, the forward
-and the backward of a float32 call without a mask or dropout go to the compiled small-call
-kernels (``kernels/small.c`` through ``native.try_attn`` and ``native.try_attn_backward``)
-where those serve it (contiguous inputs of one batch shape, at most ``native.SMALL_MAX_WORK``
-multiply-adds): one C call instead of a dozen aten calls, each of which costs microseconds
-before it computes; such calls are never recorded as aten ops.
+for autograd instead (:func:`graph`, ``_GRAPH_MAX_ENTRIES``). Before all of these, a float32
+call without a mask or dropout goes to the compiled kernels (``kernels/attn.c`` through
+``native.try_attn`` and ``native.try_attn_backward``) where those serve it (contiguous inputs
+of one batch shape; the forward of any size but decoding steps, the backward of small calls,
+``native.BACKWARD_MAX_WORK``): one C call instead of a dozen aten calls, each of which costs
+microseconds before it computes, with products near the core's peak; calls the backward
+serves are never recorded as aten ops.
 
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no
@@ -110,13 +111,13 @@ _PLAIN_MAX_ENTRIES = 65536
 
 # Calls of at most this many score entries that share one batch shape and may be
 # differentiated are recorded as aten ops (``graph``), whose autograd nodes are C++, unless
-# the compiled small-call kernels serve them: an autograd.Function (ops._Eager) whose forward
-# and backward are aten calls in Python costs more than their arithmetic. Beyond it the
-# kernels' faster tanh pays for the Function (on the AVX2 AMD EPYC of benchmarks/RESULTS.md,
-# o-only forward+backward against the composite: 4 x 4 x 16 x 16 1.30x by the Function with
-# aten calls, 0.89x as aten ops; 8 x 4 x 32 x 32, 32768 entries, 0.96x and 0.95x; with the
-# compiled kernels' forward and backward, 1 x 1 x 16 x 64 0.83x by the Function, 1.07x as
-# aten ops).
+# the compiled kernels serve their forward and backward: an autograd.Function (ops._Eager)
+# whose forward and backward are aten calls in Python costs more than their arithmetic.
+# Beyond it the kernels' faster tanh pays for the Function (on the AVX2 AMD EPYC of
+# benchmarks/RESULTS.md, o-only forward+backward against the composite: 4 x 4 x 16 x 16
+# 1.30x by the Function with aten calls, 0.89x as aten ops; 8 x 4 x 32 x 32, 32768 entries,
+# 0.96x and 0.95x; with the compiled kernels' forward and backward, 1 x 1 x 16 x 64 0.83x by
+# the Function, 1.07x as aten ops).
 _GRAPH_MAX_ENTRIES = 16384
 
 
@@ -314,8 +315,8 @@ def graph(
         :class:`_Whole` computes them, but with torch's tanh, whose autograd formula the
         graph needs), where the call has at most ``_GRAPH_MAX_ENTRIES`` score entries, one
         batch shape, no mask batch dims of its own, and is float32 or float64 with the scale
-        in range, and the compiled small-call kernels do not serve it; else None (the caller
-        runs :func:`forward` and :func:`backward` in an autograd.Function).
+        in range, and the compiled kernels do not serve its forward and backward; else None
+        (the caller runs :func:`forward` and :func:`backward` in an autograd.Function).
 
     Example:
         >>> q = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)

@@ -1,4 +1,4 @@
-/* What the compiled kernels (tanh.c, small.c; built by native.py) share: per-CPU clones and
+/* What the compiled kernels (tanh.c, attn.c; built by native.py) share: per-CPU clones and
  * tanh(u) of one float32 value, inline, so that each caller's loop vectorizes it.
  *
  * The tanh.  With u clamped to [-10, 10] (tanh(10) rounds to 1 in float32) and

@@ -2,9 +2,9 @@
 cached, loaded with ctypes; where they cannot be, the CPU kernels keep their other paths.
 
 - ``tanh.c``: the "compiled" tanh method of the CPU kernels (:func:`tanh_`, :func:`try_tanh_`);
-- ``small.c``: the whole forward and the whole backward of a small float32 call
-  (:func:`try_attn`, :func:`try_attn_backward`), where aten ops cost more per call than
-  their arithmetic.
+- ``attn.c``: the whole forward of a float32 call, and the whole backward of a small one
+  (:func:`try_attn`, :func:`try_attn_backward`), in one C call each: no aten op's cost per
+  call, products near the core's peak, causal blocks that stop at the diagonal.
 
 Why at run time: the package installs as pure Python (no compiler needed, one wheel for
 every machine), and the kernels are plain C functions with no PyTorch headers, so building
@@ -18,7 +18,7 @@ shared by different machines is safe. ``TANH_ATTENTION_NO_COMPILE=1`` never buil
 On load both kernels are checked against float64 on this machine. :func:`unavailable_reason`
 says why the library is not used (no compiler, a failed build, a failed load, or a check
 that failed); ``kernels.cpu.tanh_method`` then picks among the other tanh methods, and says
-so, and small calls take the aten ops (``kernels/blockwise.py``).
+so, and attention takes the aten ops (``kernels/blockwise.py``).
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BACKWARD_MAX_ENTRIES",
+    "BACKWARD_MAX_WORK",
+    "BACKWARD_SERIAL_MAX_WORK",
     "MAX_ERROR",
+    "MAX_KEYS_PER_QUERY",
     "MAX_ULP",
-    "SMALL_BACKWARD_MAX_ENTRIES",
-    "SMALL_MAX_ENTRIES",
-    "SMALL_MAX_KEYS_PER_QUERY",
-    "SMALL_MAX_WORK",
-    "SMALL_PARALLEL_MIN",
-    "SMALL_SERIAL_MAX_WORK",
+    "PARALLEL_MIN",
     "serves",
     "tanh_",
     "try_attn",
@@ -59,34 +58,33 @@ __all__ = [
 MAX_ULP = 5.0
 MAX_ERROR = 2.0**-22
 
-# The calls small.c serves (try_attn, try_attn_backward): at most this many multiply-adds,
-# G * n * m * (d + e), and this many score entries a problem (one problem's scores stay in a
-# core's L2 cache).
-# Measured against the aten path on the AVX2 AMD EPYC of benchmarks/RESULTS.md, one thread,
-# forward o-only: 1 x 1 x 16 x 64 9 us against 56 (the composite 26), 64 x 4 x 16 x 128
-# (2**24 multiply-adds) 700 us against 780; past that the gain is within the noise, and at
-# n = m = 1024 the aten path's blocks win (5.8 ms against 3.8).
-SMALL_MAX_WORK = 2**24
-SMALL_MAX_ENTRIES = 65536
-# The backward's limit of scores a problem: it holds four n x m matrices (the weights, their
-# gradient and two transposes), which past this no longer stay in a 512 KiB L2 (the full
-# sweep of benchmarks/RESULTS.md: 1 x 1 x 256 x 128 forward+backward 1.16x the composite
-# with it, 0.97x without).
-SMALL_BACKWARD_MAX_ENTRIES = 16384
-# At most this many keys a query: the kernels transpose each problem's k, which costs about
-# as much as the products where few queries meet many keys (a decoding step: 32 x 1 x 1024 x
-# 128 took 10.7 ms in C, 4.0 ms through aten, 4.5 ms the composite).
-SMALL_MAX_KEYS_PER_QUERY = 16
-# Calls with at least this many multiply-adds split their problems over torch's threads.
-SMALL_PARALLEL_MIN = 2**20
-# A call with fewer problems than threads runs them on one thread each, so past this many
-# multiply-adds it is left to aten, whose products use every thread (two threads, 1 x 1 x n
-# x d forward against the composite: 128 x 64, 2**21, 0.88x in C, 1.20x through aten;
-# 128 x 128 1.25x and 1.12x).
-SMALL_SERIAL_MAX_WORK = 2**21
+# The calls attn.c serves (try_attn, try_attn_backward), measured on the AVX2 AMD EPYC of
+# benchmarks/RESULTS.md (section "one C call for every forward").
+# Both: at most this many keys a query. A decoding step (few queries, many keys) costs
+# attn.c a packed copy of each problem's keys, as much as its products, and its row blocks
+# of R = 6 compute six rows for one (32 x 1 x 1024 x 128 took 10.7 ms in C, 4.0 ms through
+# aten, 4.5 ms the composite).
+MAX_KEYS_PER_QUERY = 16
+# The forward serves every other call (blocks of rows in L2, products at 95-100 GFLOP/s a
+# core, causal blocks that stop at the diagonal): at one thread 0.4-0.97x the aten path's
+# time from 1 x 1 x 64 x 16 to 64 x 4 x 1024 x 128.
+# The backward holds four n x m matrices of a problem (the weights, their gradient and two
+# transposes): at most this many scores a problem (past it they leave a 512 KiB L2: 1 x 1 x
+# 256 x 128 forward+backward 1.16x the composite with it, 0.97x without), and this many
+# multiply-adds in all, G * n * m * (d + e) (past it aten's batched products win).
+BACKWARD_MAX_ENTRIES = 16384
+BACKWARD_MAX_WORK = 2**24
+# The backward splits problems over threads, so a call with fewer problems than threads
+# runs on fewer threads: past this many multiply-adds it is left to aten, whose products use
+# every thread (two threads, 1 x 1 x n x d against the composite: 128 x 64, 2**21, 0.88x in
+# C, 1.20x through aten; 128 x 128 1.25x and 1.12x).
+BACKWARD_SERIAL_MAX_WORK = 2**21
+# Calls with at least this many multiply-adds run on torch's threads (a parallel region
+# costs a few microseconds).
+PARALLEL_MIN = 2**20
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "tanh.c", _HERE / "small.c")
+_SOURCES = (_HERE / "tanh.c", _HERE / "attn.c")
 _HEADERS = (_HERE / "native.h",)
 _NO_COMPILE_ENV = "TANH_ATTENTION_NO_COMPILE"
 _CACHE_ENV = "TANH_ATTENTION_CACHE"
@@ -186,11 +184,12 @@ def _check(function: ctypes._CFuncPtr) -> str | None:  # type: ignore[name-defin
 
 
 def _check_attn(attn: Any, backward: Any) -> str | None:
-    """Why this build's small-call forward or backward is wrong here (None: both are right),
-    against float64 on problems whose shapes need every padding, each kind of causal
-    diagonal, one thread and two, with a saved and a recomputed ``a``."""
+    """Why this build's attention forward or backward is wrong here (None: both are right),
+    against float64 on problems of sizes that are no multiples of the register block, each
+    kind of causal diagonal (causal rows in two blocks), one thread and two, with a saved and
+    a recomputed ``a``."""
     gen = torch.Generator().manual_seed(0)
-    groups, n, m, d, e, scale = 3, 5, 19, 7, 9, 0.3
+    groups, n, m, d, e, scale = 3, 14, 19, 7, 9, 0.3
     q, k, v = (
         torch.randn(groups, rows, cols, generator=gen) for rows, cols in ((n, d), (m, d), (m, e))
     )
@@ -233,7 +232,7 @@ def _check_attn(attn: Any, backward: Any) -> str | None:
                 )
             )
         if not right:
-            return f"the compiled small-call kernels are wrong here (causal diagonal {diagonal})"
+            return f"the compiled attention kernels are wrong here (causal diagonal {diagonal})"
     return None
 
 
@@ -262,8 +261,8 @@ def _load() -> tuple[_Library | None, str | None]:
         return None, why
     try:
         library = ctypes.CDLL(str(path))
-        tanh, attn = library.ta_tanh_f32, library.ta_attn_small_f32
-        backward = library.ta_attn_small_backward_f32
+        tanh, attn = library.ta_tanh_f32, library.ta_attn_f32
+        backward = library.ta_attn_backward_f32
     except (OSError, AttributeError) as e:
         return None, f"cannot load the compiled kernels {path}: {e}"
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
@@ -349,7 +348,7 @@ def try_tanh_(x: Tensor, scale: float = 1.0) -> Tensor | None:
 
 
 class _Call(NamedTuple):
-    """A call the small-call kernels serve: its library, sizes and threads."""
+    """A call attn.c serves: its library, sizes and threads."""
 
     library: _Library
     batch: torch.Size
@@ -362,8 +361,8 @@ class _Call(NamedTuple):
 
 
 def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, backward: bool = False) -> _Call | None:
-    """The call, where the small-call kernels serve it (see :func:`try_attn`; with
-    ``backward``, also :func:`try_attn_backward`'s limit), else None."""
+    """The call, where attn.c serves it (see :func:`try_attn`; with ``backward``,
+    :func:`try_attn_backward`'s limits too), else None."""
     library = _load()[0]
     dtype = torch.float32
     if (
@@ -388,16 +387,17 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, backward: bool = Fals
         or not (batch == k_shape[:-2] == v_shape[:-2])
         or 0 in q_shape
         or 0 in v_shape
-        or n * m > (SMALL_BACKWARD_MAX_ENTRIES if backward else SMALL_MAX_ENTRIES)
-        or m > SMALL_MAX_KEYS_PER_QUERY * n
+        or m > MAX_KEYS_PER_QUERY * n
     ):
         return None
     groups = q.numel() // (n * d)
     work = groups * n * m * (d + e)
-    threads = torch.get_num_threads() if work >= SMALL_PARALLEL_MIN else 1
-    if work > SMALL_MAX_WORK or (threads > 1 and groups < threads and work > SMALL_SERIAL_MAX_WORK):
-        # (The kernels split problems over threads; fewer problems than threads leave
-        # threads idle where aten's products would use them.)
+    threads = torch.get_num_threads() if work >= PARALLEL_MIN else 1
+    if backward and (
+        n * m > BACKWARD_MAX_ENTRIES
+        or work > BACKWARD_MAX_WORK
+        or (threads > 1 and groups < threads and work > BACKWARD_SERIAL_MAX_WORK)
+    ):
         return None
     return _Call(library, batch, groups, n, m, d, e, threads)
 
@@ -411,7 +411,7 @@ def serves(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
 def try_attn(
     q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: int | None, need_weights: bool
 ) -> tuple[Tensor, Tensor | None] | None:
-    """The forward of a small call by ``small.c``: ``o = a @ v`` with
+    """The forward of a float32 call by ``attn.c``: ``o = a @ v`` with
     ``a = M * tanh(scale * q @ k^T)``.
 
     Args:
@@ -424,11 +424,9 @@ def try_attn(
         ``(o, a)``: ``(..., n, e)`` and ``(..., n, m)`` (None unless ``need_weights``), in
         memory of their own; or None, having computed nothing, for any call it does not
         serve: the kernels unavailable, an input not a contiguous float32 CPU tensor, batch
-        shapes that differ, a size 0, a scale beyond float32's range, more than
-        ``SMALL_MAX_WORK`` multiply-adds, ``SMALL_MAX_ENTRIES`` scores a problem or
-        ``SMALL_MAX_KEYS_PER_QUERY`` keys a query (decoding steps), or fewer problems than
-        threads in a call of more than ``SMALL_SERIAL_MAX_WORK`` multiply-adds.
-        (It checks all of that itself: the kernel reads raw memory.)
+        shapes that differ, a size 0, a scale beyond float32's range, or more than
+        ``MAX_KEYS_PER_QUERY`` keys a query (decoding steps). (It checks all of that
+        itself: the kernel reads raw memory.)
     """
     call = _served(q, k, v, scale)
     if call is None:
@@ -466,7 +464,7 @@ def try_attn_backward(
     scale: float,
     diagonal: int | None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The VJP of :func:`try_attn`'s forward by ``small.c``: ``(g_q, g_k, g_v)``.
+    """The VJP of :func:`try_attn`'s forward by ``attn.c``: ``(g_q, g_k, g_v)``.
 
     Args:
         grad_o: ``(..., n, e)`` or None (zero).  grad_a: ``(..., n, m)`` or None (zero).
@@ -476,8 +474,10 @@ def try_attn_backward(
     Returns:
         The three gradients, shaped like q, k and v, in memory of their own; or None, having
         computed nothing, for any call :func:`try_attn` would not serve, with more than
-        ``SMALL_BACKWARD_MAX_ENTRIES`` scores a problem, or whose gradients or ``a`` are not
-        float32 CPU tensors of their shapes. (Gradients that are not
+        ``BACKWARD_MAX_ENTRIES`` scores a problem or ``BACKWARD_MAX_WORK`` multiply-adds,
+        with fewer problems than threads and more than ``BACKWARD_SERIAL_MAX_WORK``
+        multiply-adds, or whose gradients or ``a`` are not float32 CPU tensors of their
+        shapes. (Gradients that are not
         contiguous, as a broadcast one from ``sum()``, are copied.)
     """
     call = _served(q, k, v, scale, backward=True)

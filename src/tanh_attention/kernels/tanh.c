@@ -7,7 +7,7 @@
  * compiles this file on first use (no compiler, or a failed build: the kernels keep their
  * other methods) and checks its accuracy.
  *
- * The method (rational, with one division) and its accuracy: native.h, which small.c shares.
+ * The method (rational, with one division) and its accuracy: native.h, which attn.c shares.
  */
 #include <stdint.h>
 

@@ -1,0 +1,403 @@
+/* The whole forward, or the whole backward, of a float32 call in one C call: o = a @ v with
+ * a = M * tanh(alpha * q @ k^T), M the causal keep-mask (or none), and its VJP.
+ *
+ * Why it exists: below a few million multiply-adds, attention on the CPU costs per call, not
+ * per FLOP. Each aten op costs microseconds before it computes (on the AVX2 AMD EPYC of
+ * benchmarks/RESULTS.md, torch.bmm of 16 x 64 by 64 x 16 takes 4 us for 0.3 us of
+ * arithmetic), and a forward or backward through aten is a dozen such calls. This file does
+ * each in one call: kernels/native.py builds it with tanh.c and checks it against float64 on
+ * load, and kernels/blockwise.py sends it the calls it serves best (native.SMALL_MAX_WORK).
+ * The forward also serves longer sequences: it runs in blocks of rows whose scores stay in
+ * the L2 cache, stops each block at its last row's diagonal where causal, and shares blocks
+ * out over threads, so that even one problem uses them all.
+ *
+ * Layout: q (G, n, d), k (G, m, d), v (G, m, e), o (G, n, e), a (G, n, m) and the gradients
+ * (each shaped like its tensor), all contiguous. Entry (i, j) is kept iff j <= i + diagonal
+ * (diagonal >= m - 1: all). Masked entries of a are exactly 0 and still multiply their row
+ * of v, so a NaN or infinity there propagates through 0 * inf as in a @ v of the composite
+ * (the forward skips masked columns only where v is finite); their score gradient is exactly
+ * 0, whatever flows into it (the definition's where()).
+ *
+ * Arithmetic: every product runs one register-blocked kernel (mm below: R x L outputs held in
+ * registers while the inner dimension runs in order, so each output is one float32 sum in
+ * index order, as a plain loop would give). Its left operand is rows of a matrix, copied
+ * where its rows must be padded to a multiple of R or it must be transposed; its right
+ * operand is always a packed copy, in panels of L columns each contiguous in memory (a panel
+ * stays in L1 while the rows pass; read with a row stride instead, a 4 KiB stride maps every
+ * row to one cache set: 50-70 GFLOP/s against 95-100 packed, 6 x 16 blocks, one core of the
+ * AMD EPYC). The scores are scaled in float32 as they enter the tanh (native.h), as the
+ * composite's `* scale` does.
+ *
+ * Threads (OpenMP builds; native.py passes 1 where a call is too small for a parallel region,
+ * which costs a few us): the forward's blocks of rows are dealt out in turn, the backward's
+ * problems in shares.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* The register block: R rows by L columns (two vectors of 8 floats): 12 accumulators, two
+ * operand vectors and a broadcast fill 15 of AVX2's 16 registers. */
+#define R 6
+#define L 16
+
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec8u __attribute__((vector_size(32), aligned(4))); /* unaligned access */
+
+/* A right operand of mm, packed: panels of L columns, entry (p, j) at
+ * at[(j / L) * depth * L + p * L + j % L], zero past its columns (made by `panels` below). */
+typedef struct {
+    const float *at;
+    int64_t depth;
+} packed;
+
+#define MAX(x, y) ((x) > (y) ? (x) : (y))
+#define MIN(x, y) ((x) < (y) ? (x) : (y))
+
+/* One block of mm: rows x0..x5 (`height` of them; a short one reads its last row again in
+ * the others' place) by one panel, into out (row stride ldc, `width` columns). H, a constant
+ * where it is inlined, is the rows computed: R, or 4 for a last block of at most 4 rows
+ * (n = 16 or 64 is 6 + 6 + 4 rows: two more would be an eighth more arithmetic). */
+static inline __attribute__((always_inline)) void block(
+    const float *x0, const float *x1, const float *x2, const float *x3, const float *x4,
+    const float *x5, const float *restrict panel, int64_t inner, float *restrict out,
+    int64_t ldc, int64_t height, int64_t width, const int H) {
+    vec8 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
+    vec8 c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+    for (int64_t p = 0; p < inner; p++) {
+        const vec8 y0 = *(const vec8u *)(panel + p * L);
+        const vec8 y1 = *(const vec8u *)(panel + p * L + 8);
+        c00 += x0[p] * y0, c01 += x0[p] * y1;
+        c10 += x1[p] * y0, c11 += x1[p] * y1;
+        c20 += x2[p] * y0, c21 += x2[p] * y1;
+        c30 += x3[p] * y0, c31 += x3[p] * y1;
+        if (H > 4) {
+            c40 += x4[p] * y0, c41 += x4[p] * y1;
+            c50 += x5[p] * y0, c51 += x5[p] * y1;
+        }
+    }
+    if (height == H && height == R && width == L) {
+        *(vec8u *)out = c00, *(vec8u *)(out + 8) = c01, out += ldc;
+        *(vec8u *)out = c10, *(vec8u *)(out + 8) = c11, out += ldc;
+        *(vec8u *)out = c20, *(vec8u *)(out + 8) = c21, out += ldc;
+        *(vec8u *)out = c30, *(vec8u *)(out + 8) = c31, out += ldc;
+        *(vec8u *)out = c40, *(vec8u *)(out + 8) = c41, out += ldc;
+        *(vec8u *)out = c50, *(vec8u *)(out + 8) = c51;
+        return;
+    }
+    /* (a last block: through a tile, copied without calls to memcpy, which cost as much as a
+     * small problem's products) */
+    float tile[R][L];
+    *(vec8u *)tile[0] = c00, *(vec8u *)(tile[0] + 8) = c01;
+    *(vec8u *)tile[1] = c10, *(vec8u *)(tile[1] + 8) = c11;
+    *(vec8u *)tile[2] = c20, *(vec8u *)(tile[2] + 8) = c21;
+    *(vec8u *)tile[3] = c30, *(vec8u *)(tile[3] + 8) = c31;
+    *(vec8u *)tile[4] = c40, *(vec8u *)(tile[4] + 8) = c41;
+    *(vec8u *)tile[5] = c50, *(vec8u *)(tile[5] + 8) = c51;
+    for (int64_t r = 0; r < height; r++, out += ldc) {
+        if (width == L) {
+            *(vec8u *)out = *(const vec8u *)tile[r];
+            *(vec8u *)(out + 8) = *(const vec8u *)(tile[r] + 8);
+        } else {
+            for (int64_t j = 0; j < width; j++) out[j] = tile[r][j];
+        }
+    }
+}
+
+/* c = x @ y: x (rows, inner) with row stride ldx; y (inner <= y.depth, cols) packed; c (rows,
+ * cols) with row stride ldc; any rows and cols, and no copies of the operands for padding. */
+TA_CLONES
+static void mm(const float *restrict x, int64_t ldx, packed y, float *restrict c, int64_t ldc,
+               int64_t rows, int64_t inner, int64_t cols) {
+    for (int64_t i0 = 0; i0 < rows; i0 += R) {
+        const int64_t height = MIN(R, rows - i0);
+        const float *x0 = x + i0 * ldx, *x1 = x0 + MIN(1, height - 1) * ldx;
+        const float *x2 = x0 + MIN(2, height - 1) * ldx, *x3 = x0 + MIN(3, height - 1) * ldx;
+        const float *x4 = x0 + MIN(4, height - 1) * ldx, *x5 = x0 + MIN(5, height - 1) * ldx;
+        for (int64_t j0 = 0; j0 < cols; j0 += L) {
+            const float *panel = y.at + j0 * y.depth;
+            float *out = c + i0 * ldc + j0;
+            const int64_t width = MIN(L, cols - j0);
+            if (height > 4) {
+                block(x0, x1, x2, x3, x4, x5, panel, inner, out, ldc, height, width, R);
+            } else {
+                block(x0, x1, x2, x3, x4, x5, panel, inner, out, ldc, height, width, 4);
+            }
+        }
+    }
+}
+
+/* A left operand of mm: rows of floats with row stride ld. */
+typedef struct {
+    const float *at;
+    int64_t ld;
+} rows_of;
+
+/* src^T (src: rows x cols, row stride lds) as a left operand (a copy in buf). */
+static rows_of transposed(float *buf, const float *src, int64_t lds, int64_t rows, int64_t cols) {
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = 0; r < rows; r++) buf[c * rows + r] = src[r * lds + c];
+    return (rows_of){buf, rows};
+}
+
+/* The size in floats of a packed operand of depth inner and cols columns. */
+static int64_t panels_size(int64_t inner, int64_t cols) { return (cols + L - 1) / L * L * inner; }
+
+/* src (inner x cols, row stride lds), or with `transpose` src^T (src: cols x inner, row
+ * stride lds), as a right operand of mm of depth inner packed in buf (zero past cols). */
+static packed panels(float *buf, const float *src, int64_t lds, int64_t inner, int64_t cols,
+                     int transpose) {
+    for (int64_t j0 = 0; j0 < cols; j0 += L) {
+        float *panel = buf + j0 * inner;
+        const int64_t width = MIN(L, cols - j0);
+        if (transpose) {
+            /* (src's rows read in order: each is one column of the panel) */
+            for (int64_t j = 0; j < width; j++)
+                for (int64_t p = 0; p < inner; p++) panel[p * L + j] = src[(j0 + j) * lds + p];
+        } else if (width == L) {
+            for (int64_t p = 0; p < inner; p++) {
+                const float *row = src + p * lds + j0;
+                *(vec8u *)(panel + p * L) = *(const vec8u *)row;
+                *(vec8u *)(panel + p * L + 8) = *(const vec8u *)(row + 8);
+            }
+        } else {
+            for (int64_t p = 0; p < inner; p++)
+                for (int64_t j = 0; j < width; j++) panel[p * L + j] = src[p * lds + j0 + j];
+        }
+        for (int64_t p = 0; width < L && p < inner; p++)
+            for (int64_t j = width; j < L; j++) panel[p * L + j] = 0.0f;
+    }
+    return (packed){buf, inner};
+}
+
+/* Keep-mask: entries (i, j) with j < kept(i) are kept. */
+static int64_t kept(int64_t i, int64_t m, int64_t diagonal) {
+    const int64_t last = i + diagonal + 1;
+    return last < 0 ? 0 : (last > m ? m : last);
+}
+
+/* Whether all count floats of x are finite (x * 0 is 0 for finite x, NaN else). */
+TA_CLONES
+static int all_finite(const float *x, int64_t count) {
+    vec8 acc0 = {0}, acc1 = {0}; /* (two sums: half the wait on each addition) */
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+        acc0 += *(const vec8u *)(x + i) * 0.0f;
+        acc1 += *(const vec8u *)(x + i + 8) * 0.0f;
+    }
+    acc0 += acc1;
+    float rest = 0.0f;
+    for (; i < count; i++) rest += x[i] * 0.0f;
+    for (int lane = 0; lane < 8; lane++) rest += acc0[lane];
+    return rest == 0.0f;
+}
+
+/* The sizes of one problem. */
+typedef struct {
+    int64_t n, m, d, e;
+} sizes;
+
+/* Rows [i0, i0 + rows) of one problem's weights, columns [0, cols): s (row stride m) =
+ * M * tanh(alpha q k^T), from kt (k^T packed). */
+TA_CLONES
+static void weights(float *s, const float *q, packed kt, int64_t i0, int64_t rows, int64_t cols,
+                    sizes z, float alpha, int64_t diagonal) {
+    mm(q + i0 * z.d, z.d, kt, s, z.m, rows, z.d, cols);
+    for (int64_t i = 0; i < rows; i++) {
+        float *si = s + i * z.m;
+        const int64_t last = MIN(kept(i0 + i, z.m, diagonal), cols);
+        for (int64_t j = 0; j < last; j++) si[j] = ta_tanh(alpha * si[j]);
+        for (int64_t j = last; j < cols; j++) si[j] = 0.0f;
+    }
+}
+
+/* Rows of a forward block: its scores take at most this many floats, a quarter of a
+ * 512 KiB L2, so that they are still there when they multiply v. Causal blocks are at most
+ * CAUSAL_ROWS rows, which stop close to each row's diagonal (keys are packed once per problem,
+ * so a block costs little more than its products). */
+#define BLOCK_FLOATS (32 * 1024)
+#define CAUSAL_ROWS (4 * R)
+
+/* One problem's keys as its forward blocks use them: k^T and v packed, and whether blocks
+ * stop at their last row's diagonal (causal, and v finite: otherwise a masked 0 must still
+ * meet a NaN or infinity of v). */
+typedef struct {
+    packed kt, v;
+    int skip;
+} keys;
+
+static keys keys_of(const float *k, const float *v, sizes z, int64_t rb, int64_t diagonal,
+                    float *kt, float *vp) {
+    /* (v is read for that only where a block would stop short: the first block's last row
+     * keeps fewer than m keys) */
+    const int skip = kept(rb - 1, z.m, diagonal) < z.m && all_finite(v, z.m * z.e);
+    return (keys){panels(kt, k, z.d, z.d, z.m, 1), panels(vp, v, z.e, z.m, z.e, 0), skip};
+}
+
+/* Rows of a block of the forward (a multiple of R unless all of n): at most BLOCK_FLOATS
+ * scores or CAUSAL_ROWS rows, and at least one block for each of `threads` threads. */
+static int64_t block_rows(sizes z, int64_t G, int64_t diagonal, int threads) {
+    int64_t rows = MAX(BLOCK_FLOATS / z.m / R * R, R);
+    if (diagonal < z.m - 1) rows = MIN(rows, CAUSAL_ROWS);
+    if (G < threads) {
+        const int64_t parts = (threads + G - 1) / G; /* blocks a problem */
+        rows = MIN(rows, MAX((z.n + parts - 1) / parts + R - 1, R) / R * R);
+    }
+    return MIN(rows, z.n);
+}
+
+/* Rows [i0, i0 + rows) of one problem's forward (q, o, a: the problem's), with scratch s
+ * (rows x m). */
+static void forward_rows(const float *q, keys kv, float *o, float *a, int64_t i0, int64_t rows,
+                         sizes z, float alpha, int64_t diagonal, float *s) {
+    /* the keys these rows meet: all, or those up to the last row's diagonal */
+    const int64_t cols = kv.skip ? kept(i0 + rows - 1, z.m, diagonal) : z.m;
+    if (a) s = a + i0 * z.m; /* the weights go straight into a */
+    /* (whole panels of keys where the row has room: no narrow last tile) */
+    weights(s, q, kv.kt, i0, rows, MIN((cols + L - 1) / L * L, z.m), z, alpha, diagonal);
+    if (a && cols < z.m) {
+        for (int64_t i = 0; i < rows; i++) memset(s + i * z.m + cols, 0, sizeof(float) * (z.m - cols));
+    }
+    if (cols == 0) {
+        memset(o + i0 * z.e, 0, sizeof(float) * rows * z.e);
+        return;
+    }
+    mm(s, z.m, kv.v, o + i0 * z.e, z.e, rows, cols, z.e);
+}
+
+/* The forward's blocks first, first + stride, ... below end of G problems' blocks
+ * (problem-major): 0, or 1 where scratch memory cannot be had. */
+static int forward(const float *q, const float *k, const float *v, float *o, float *a,
+                   int64_t first, int64_t end, int64_t stride, int64_t rb, sizes z, float alpha,
+                   int64_t diagonal) {
+    const int64_t blocks = (z.n + rb - 1) / rb;
+    const int64_t kt_size = panels_size(z.d, z.m), v_size = panels_size(z.m, z.e);
+    float *scratch = malloc(sizeof(float) * (rb * z.m + kt_size + v_size));
+    if (scratch == NULL) return 1;
+    float *s = scratch, *kt = s + rb * z.m, *vp = kt + kt_size;
+    keys kv = {0};
+    int64_t keys_of_g = -1;
+    for (int64_t u = first; u < end; u += stride) {
+        const int64_t g = u / blocks, i0 = (u % blocks) * rb;
+        if (g != keys_of_g) {
+            kv = keys_of(k + g * z.m * z.d, v + g * z.m * z.e, z, rb, diagonal, kt, vp);
+            keys_of_g = g;
+        }
+        forward_rows(q + g * z.n * z.d, kv, o + g * z.n * z.e, a ? a + g * z.n * z.m : NULL, i0,
+                     MIN(rb, z.n - i0), z, alpha, diagonal, s);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* Problems [g0, g1) of the backward: g_v = a^T g_o, g_s = M * alpha (g_o v^T + g_a)
+ * (1 - a^2), g_q = g_s k, g_k = g_s^T q (g_o or g_a NULL: zero; a NULL: recomputed). */
+static int backward(const float *q, const float *k, const float *v, const float *a,
+                    const float *g_o, const float *g_a, float *g_q, float *g_k, float *g_v,
+                    int64_t g0, int64_t g1, sizes z, float alpha, int64_t diagonal) {
+    const int64_t s_size = z.n * z.m;
+    const int64_t packed_size =
+        MAX(MAX(panels_size(z.d, z.m), panels_size(z.e, z.m)),
+            MAX(panels_size(MAX(z.m, z.n), z.d), panels_size(z.n, z.e)));
+    float *scratch = malloc(sizeof(float) * (3 * s_size + packed_size));
+    if (scratch == NULL) return 1;
+    float *w = scratch, *gs = w + s_size, *t = gs + s_size, *y = t + s_size;
+    for (int64_t g = g0; g < g1; g++) {
+        const float *qg = q + g * z.n * z.d, *kg = k + g * z.m * z.d, *vg = v + g * z.m * z.e;
+        const float *gog = g_o ? g_o + g * z.n * z.e : NULL;
+        /* the weights (n x m), given or recomputed */
+        const float *wa = a ? a + g * z.n * z.m : w;
+        if (!a) weights(w, qg, panels(y, kg, z.d, z.d, z.m, 1), 0, z.n, z.m, z, alpha, diagonal);
+        /* gs = g_o v^T (n x m), then g_v = w^T g_o */
+        if (gog) {
+            mm(gog, z.e, panels(y, vg, z.e, z.e, z.m, 1), gs, z.m, z.n, z.e, z.m);
+            rows_of wt = transposed(t, wa, z.m, z.n, z.m);
+            mm(wt.at, wt.ld, panels(y, gog, z.e, z.n, z.e, 0), g_v + g * z.m * z.e, z.e, z.m,
+               z.n, z.e);
+        } else {
+            memset(gs, 0, sizeof(float) * s_size);
+            memset(g_v + g * z.m * z.e, 0, sizeof(float) * z.m * z.e);
+        }
+        for (int64_t i = 0; i < z.n; i++) {
+            float *gsi = gs + i * z.m;
+            const float *wi = wa + i * z.m;
+            const float *gai = g_a ? g_a + (g * z.n + i) * z.m : NULL;
+            const int64_t last = kept(i, z.m, diagonal);
+            for (int64_t j = 0; j < last; j++) {
+                const float total = gai ? gsi[j] + gai[j] : gsi[j];
+                gsi[j] = alpha * (total * (1.0f - wi[j] * wi[j]));
+            }
+            for (int64_t j = last; j < z.m; j++) gsi[j] = 0.0f;
+        }
+        /* g_q = gs k, g_k = gs^T q */
+        mm(gs, z.m, panels(y, kg, z.d, z.m, z.d, 0), g_q + g * z.n * z.d, z.d, z.n, z.m, z.d);
+        rows_of gst = transposed(t, gs, z.m, z.n, z.m);
+        mm(gst.at, gst.ld, panels(y, qg, z.d, z.n, z.d, 0), g_k + g * z.m * z.d, z.d, z.m, z.n,
+           z.d);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* The forward of G problems (layout above): 0, or 1 where scratch memory could not be had
+ * (then o and a hold nothing meaningful). Threads take shares of the problems, or where
+ * there are fewer problems than threads, blocks of rows in turn (so that a causal problem's
+ * short and long blocks are shared out). */
+int ta_attn_f32(const float *q, const float *k, const float *v, float *o, float *a, int64_t G,
+                int64_t n, int64_t m, int64_t d, int64_t e, float alpha, int64_t diagonal,
+                int threads) {
+    const sizes z = {n, m, d, e};
+#ifndef _OPENMP
+    threads = 1;
+#endif
+    const int64_t rb = block_rows(z, G, diagonal, threads), blocks = (n + rb - 1) / rb;
+#ifdef _OPENMP
+    if (threads > 1) {
+        int failed = 0;
+        _Pragma("omp parallel num_threads(threads) reduction(| : failed)") {
+            const int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
+            /* (each thread packs the keys of each problem it visits: a share of problems
+             * packs each problem's once) */
+            if (G >= parts) {
+                failed |= forward(q, k, v, o, a, G * me / parts * blocks,
+                                  G * (me + 1) / parts * blocks, 1, rb, z, alpha, diagonal);
+            } else {
+                failed |= forward(q, k, v, o, a, me, G * blocks, parts, rb, z, alpha, diagonal);
+            }
+        }
+        return failed;
+    }
+#endif
+    return forward(q, k, v, o, a, 0, G * blocks, 1, rb, z, alpha, diagonal);
+}
+
+/* The backward of G problems: g_q, g_k, g_v from g_o and g_a (either NULL: zero) and a (NULL:
+ * recomputed); 0, or 1 where scratch memory could not be had. Threads take shares of the
+ * problems. */
+int ta_attn_backward_f32(const float *q, const float *k, const float *v, const float *a,
+                               const float *g_o, const float *g_a, float *g_q, float *g_k,
+                               float *g_v, int64_t G, int64_t n, int64_t m, int64_t d,
+                               int64_t e, float alpha, int64_t diagonal, int threads) {
+    const sizes z = {n, m, d, e};
+#ifdef _OPENMP
+    if (threads > 1 && G > 1) {
+        int failed = 0;
+        _Pragma("omp parallel num_threads(threads) reduction(| : failed)") {
+            const int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
+            const int64_t g0 = G * me / parts, g1 = G * (me + 1) / parts;
+            if (g0 < g1) failed |= backward(q, k, v, a, g_o, g_a, g_q, g_k, g_v, g0, g1, z,
+                                            alpha, diagonal);
+        }
+        return failed;
+    }
+#else
+    (void)threads;
+#endif
+    return backward(q, k, v, a, g_o, g_a, g_q, g_k, g_v, 0, G, z, alpha, diagonal);
+}
