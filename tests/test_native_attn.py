@@ -102,13 +102,17 @@ def _check_backward(
     outputs: str,
     saved: bool,
     seed: int = 1,
+    g_o_last: float | None = None,
 ) -> None:
     """try_attn_backward serves the call, and its gradients agree with autograd of the
-    float64 reference and with the VJP from the definition (NaN and infinity included)."""
+    float64 reference and with the VJP from the definition (NaN and infinity included;
+    ``g_o_last``: the first entry of g_o's last row)."""
     n, m = q.shape[-2], k.shape[-2]
     diagonal = causal_diagonal(causal, n, m)
     gen = torch.Generator().manual_seed(seed)
     g_o = torch.randn(*q.shape[:-1], v.shape[-1], generator=gen) if "o" in outputs else None
+    if g_o is not None and g_o_last is not None:
+        g_o[..., -1, 0] = g_o_last
     g_a = torch.randn(*q.shape[:-1], m, generator=gen) if "a" in outputs else None
     a = None
     if saved:
@@ -127,7 +131,7 @@ def _check_backward(
         composite_error = (c.double() - w)[finite].abs().max().item() if finite.any() else 0.0
         atol = max(4 * composite_error, 4e-6 * max(q.shape[-1], m, n))
         torch.testing.assert_close(g.double(), w, equal_nan=True, rtol=1e-5, atol=atol)
-    if all(torch.isfinite(x).all() for x in (q, k, v)):
+    if all(torch.isfinite(x).all() for x in (q, k, v, g_o) if x is not None):
         leaves = [x.double().requires_grad_() for x in (q, k, v)]
         o_ref, a_ref = reference(*leaves, None, scale, causal)
         pairs = [(o, g) for o, g in ((o_ref, g_o), (a_ref, g_a)) if g is not None]
@@ -202,9 +206,9 @@ def test_problems_split_over_threads(causal: str, threads: int) -> None:
     _check_backward(q, k, v, 0.2, causal, "oa", saved=False)
 
 
-# Forward calls of several blocks of rows (attn.c: at most 32768 scores a block, causal
-# blocks of 12 rows, at least one block a thread): last blocks and register blocks of fewer
-# rows, and problems whose blocks two threads share.
+# Calls of several blocks of rows (attn.c: at most 32768 scores a block, causal blocks of 24
+# rows, for the forward at least one block a thread): last blocks and register blocks of
+# fewer rows, and problems whose forward blocks two threads share.
 LONG = [
     ((2,), 70, 600, 8, 20),  # blocks of 48 rows: 48 + 22
     ((), 200, 200, 33, 17),  # 156 + 44; one problem for two threads
@@ -217,7 +221,7 @@ LONG = [
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize(("batch", "n", "m", "d", "e"), LONG, ids=str)
-def test_forward_in_blocks_of_rows(
+def test_blocks_of_rows(
     batch: tuple[int, ...],
     n: int,
     m: int,
@@ -227,23 +231,34 @@ def test_forward_in_blocks_of_rows(
     need_weights: bool,
     threads: int,
 ) -> None:
+    """The forward, and the backward with the weights saved or recomputed."""
     q, k, v = _inputs(batch, n, m, d, e, seed=3)
     _check(q, k, v, 1 / math.sqrt(d), causal, need_weights)
+    outputs = "oa" if need_weights else "o"
+    _check_backward(q, k, v, 1 / math.sqrt(d), causal, outputs, saved=need_weights)
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
-@pytest.mark.parametrize("where", ["v_first", "v_last", "k_last"])
+@pytest.mark.parametrize("where", ["v_first", "v_last", "k_last", "q_last", "g_o"])
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
-def test_causal_blocks_skip_only_where_v_is_finite(
+def test_causal_blocks_skip_only_where_inputs_are_finite(
     causal: str, where: str, value: float, threads: int
 ) -> None:
-    """Causal blocks stop at their last row's diagonal only where v is finite: a NaN or
-    infinity in a row of v that a block would skip still meets the masked 0 of every row,
-    as in the composite's ``a @ v``; one in k's masked columns changes nothing."""
-    q, k, v = _inputs((2,), 40, 300, 8, 8, seed=4)
-    {"v_first": v[0, 0], "v_last": v[0, -1], "k_last": k[1, -1]}[where][0] = value
+    """Causal blocks stop at their last row's diagonal only where what the masked zeros
+    would multiply is finite (the forward: v; the backward: q, k and g_o): a NaN or infinity
+    there still meets the masked 0 of every row, as in the composite's products. (One
+    problem with work enough for threads: at two, its blocks are shared out.)"""
+    q, k, v = _inputs((1,), 100, 600, 16, 16, seed=4)
+    assert native.PARALLEL_MIN <= 100 * 600 * 32
+    inputs = {"v_first": v[0, 0], "v_last": v[0, -1], "k_last": k[0, -1], "q_last": q[0, -1]}
+    if where in inputs:
+        inputs[where][0] = value
     _check(q, k, v, 0.5, causal, need_weights=True)
+    for saved in (True, False):
+        _check_backward(
+            q, k, v, 0.5, causal, "oa", saved, g_o_last=value if where == "g_o" else None
+        )
 
 
 @settings(max_examples=60, deadline=None)
@@ -288,7 +303,9 @@ def test_nonfinite_inputs_propagate_as_in_the_composite(
     {"q": q[0, 0], "k": k[0, -1], "v": v[0, -1]}[where][0] = value
     _check(q, k, v, 0.5, causal, need_weights=True)
     for saved in (True, False):
-        _check_backward(q, k, v, 0.5, causal, "oa", saved)
+        _check_backward(
+            q, k, v, 0.5, causal, "oa", saved, g_o_last=value if where == "g_o" else None
+        )
 
 
 def test_huge_scores_saturate() -> None:
@@ -331,38 +348,6 @@ def test_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not _declined(*_inputs((2,), 1, 16, 4, 4))
     monkeypatch.setattr(native, "_load", lambda: (None, "unavailable in this test"))
     assert _declined(q, k, v)
-
-
-def _backward_declined(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    g_o = torch.ones(*q.shape[:-1], v.shape[-1])
-    return native.try_attn_backward(g_o, None, q, k, v, None, 0.5, None) is None
-
-
-def test_backward_declines_large_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backward's limits (scores a problem, multiply-adds in all); the forward serves
-    such calls."""
-    q, k, v = _inputs((2, 3), 4, 5, 6, 1)
-    assert not _backward_declined(q, k, v)
-    big = _inputs((), 129, 128, 1, 1)
-    assert native.BACKWARD_MAX_ENTRIES < 129 * 128
-    assert _backward_declined(*big) and not _declined(*big)
-    monkeypatch.setattr(native, "BACKWARD_MAX_WORK", 2 * 3 * 4 * 5 * (6 + 1) - 1)
-    assert _backward_declined(q, k, v) and not _declined(q, k, v)
-    monkeypatch.setattr(native, "BACKWARD_MAX_WORK", 2 * 3 * 4 * 5 * (6 + 1))
-    assert not _backward_declined(q, k, v)
-
-
-@pytest.mark.parametrize("threads", [2], indirect=True)
-def test_backward_declines_one_problem_large_enough_for_threads(threads: int) -> None:
-    """The backward splits problems over threads: one problem with more work than one
-    thread should do is left to aten's products, which use both; with two problems it is
-    served, and so is one problem of less work. (The forward splits rows: it serves all.)"""
-    q, k, v = _inputs((1,), 128, 128, 96, 96)
-    assert native.BACKWARD_SERIAL_MAX_WORK < 128 * 128 * 192
-    assert _backward_declined(q, k, v)
-    assert not _declined(q, k, v)
-    assert not _backward_declined(*_inputs((2,), 128, 128, 96, 96))
-    assert not _backward_declined(*_inputs((1,), 64, 64, 64, 64))
 
 
 def test_backward_declines_gradients_it_cannot_read() -> None:

@@ -6,31 +6,33 @@
  * benchmarks/RESULTS.md, torch.bmm of 16 x 64 by 64 x 16 takes 4 us for 0.3 us of
  * arithmetic), and a forward or backward through aten is a dozen such calls. This file does
  * each in one call: kernels/native.py builds it with tanh.c and checks it against float64 on
- * load, and kernels/blockwise.py sends it the calls it serves best (native.SMALL_MAX_WORK).
- * The forward also serves longer sequences: it runs in blocks of rows whose scores stay in
- * the L2 cache, stops each block at its last row's diagonal where causal, and shares blocks
- * out over threads, so that even one problem uses them all.
+ * load, and kernels/blockwise.py sends it the calls it serves (native.try_attn,
+ * native.try_attn_backward). Longer sequences gain too: both run in blocks of rows whose
+ * n x m matrices stay in the L2 cache (the backward sums g_k and g_v over them), causal
+ * blocks stop at their last row's diagonal, and the forward shares blocks out over threads,
+ * so that even one problem uses them all.
  *
  * Layout: q (G, n, d), k (G, m, d), v (G, m, e), o (G, n, e), a (G, n, m) and the gradients
  * (each shaped like its tensor), all contiguous. Entry (i, j) is kept iff j <= i + diagonal
  * (diagonal >= m - 1: all). Masked entries of a are exactly 0 and still multiply their row
- * of v, so a NaN or infinity there propagates through 0 * inf as in a @ v of the composite
- * (the forward skips masked columns only where v is finite); their score gradient is exactly
- * 0, whatever flows into it (the definition's where()).
+ * of v, so a NaN or infinity there propagates through 0 * inf as in a @ v of the composite;
+ * their score gradient is exactly 0, whatever flows into it (the definition's where()), and
+ * still multiplies q and k. Blocks skip masked columns only where what those zeros would
+ * multiply is finite.
  *
  * Arithmetic: every product runs one register-blocked kernel (mm below: R x L outputs held in
  * registers while the inner dimension runs in order, so each output is one float32 sum in
- * index order, as a plain loop would give). Its left operand is rows of a matrix, copied
- * where its rows must be padded to a multiple of R or it must be transposed; its right
- * operand is always a packed copy, in panels of L columns each contiguous in memory (a panel
- * stays in L1 while the rows pass; read with a row stride instead, a 4 KiB stride maps every
- * row to one cache set: 50-70 GFLOP/s against 95-100 packed, 6 x 16 blocks, one core of the
- * AMD EPYC). The scores are scaled in float32 as they enter the tanh (native.h), as the
- * composite's `* scale` does.
+ * index order, as a plain loop would give, or for g_k and g_v one such sum per block of
+ * rows, added up). Its left operand is rows of a matrix, read in place (a transposed one is
+ * a copy); its right operand is always a packed copy, in panels of L columns each contiguous
+ * in memory (a panel stays in L1 while the rows pass; read with a row stride instead, a
+ * 4 KiB stride maps every row to one cache set: 50-70 GFLOP/s against 95-100 packed, one
+ * core of the AMD EPYC). The scores are scaled in float32 as they enter the tanh (native.h),
+ * as the composite's `* scale` does.
  *
  * Threads (OpenMP builds; native.py passes 1 where a call is too small for a parallel region,
- * which costs a few us): the forward's blocks of rows are dealt out in turn, the backward's
- * problems in shares.
+ * which costs a few us): shares of the problems, or for the forward of fewer problems than
+ * threads, blocks of rows dealt out in turn.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -60,35 +62,45 @@ typedef struct {
 #define MAX(x, y) ((x) > (y) ? (x) : (y))
 #define MIN(x, y) ((x) < (y) ? (x) : (y))
 
+/* A left operand of mm: entry (r, p) at at[r * ld + p * step] (rows of a matrix: step 1; a
+ * transposed one, read in place: ld 1). */
+typedef struct {
+    const float *at;
+    int64_t ld, step;
+} lhs;
+
 /* One block of mm: rows x0..x5 (`height` of them; a short one reads its last row again in
- * the others' place) by one panel, into out (row stride ldc, `width` columns). H, a constant
- * where it is inlined, is the rows computed: R, or 4 for a last block of at most 4 rows
- * (n = 16 or 64 is 6 + 6 + 4 rows: two more would be an eighth more arithmetic). */
+ * the others' place; entry p at x[p * step]) by one panel, into out (row stride ldc, `width`
+ * columns; with `add`, added to what out holds). Constants where it is inlined: H, the rows
+ * computed (R, or 4 for a last block of at most 4 rows: n = 16 or 64 is 6 + 6 + 4 rows, and
+ * two more would be an eighth more arithmetic), and T, whether step may differ from 1. */
 static inline __attribute__((always_inline)) void block(
     const float *x0, const float *x1, const float *x2, const float *x3, const float *x4,
-    const float *x5, const float *restrict panel, int64_t inner, float *restrict out,
-    int64_t ldc, int64_t height, int64_t width, const int H) {
+    const float *x5, int64_t step, const float *restrict panel, int64_t inner,
+    float *restrict out, int64_t ldc, int64_t height, int64_t width, int add, const int H,
+    const int T) {
+    const int64_t s = T ? step : 1;
     vec8 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
     vec8 c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
     for (int64_t p = 0; p < inner; p++) {
         const vec8 y0 = *(const vec8u *)(panel + p * L);
         const vec8 y1 = *(const vec8u *)(panel + p * L + 8);
-        c00 += x0[p] * y0, c01 += x0[p] * y1;
-        c10 += x1[p] * y0, c11 += x1[p] * y1;
-        c20 += x2[p] * y0, c21 += x2[p] * y1;
-        c30 += x3[p] * y0, c31 += x3[p] * y1;
+        c00 += x0[p * s] * y0, c01 += x0[p * s] * y1;
+        c10 += x1[p * s] * y0, c11 += x1[p * s] * y1;
+        c20 += x2[p * s] * y0, c21 += x2[p * s] * y1;
+        c30 += x3[p * s] * y0, c31 += x3[p * s] * y1;
         if (H > 4) {
-            c40 += x4[p] * y0, c41 += x4[p] * y1;
-            c50 += x5[p] * y0, c51 += x5[p] * y1;
+            c40 += x4[p * s] * y0, c41 += x4[p * s] * y1;
+            c50 += x5[p * s] * y0, c51 += x5[p * s] * y1;
         }
     }
     if (height == H && height == R && width == L) {
-        *(vec8u *)out = c00, *(vec8u *)(out + 8) = c01, out += ldc;
-        *(vec8u *)out = c10, *(vec8u *)(out + 8) = c11, out += ldc;
-        *(vec8u *)out = c20, *(vec8u *)(out + 8) = c21, out += ldc;
-        *(vec8u *)out = c30, *(vec8u *)(out + 8) = c31, out += ldc;
-        *(vec8u *)out = c40, *(vec8u *)(out + 8) = c41, out += ldc;
-        *(vec8u *)out = c50, *(vec8u *)(out + 8) = c51;
+#define STORE(x0, x1)                                                                        \
+    if (add) x0 += *(const vec8u *)out, x1 += *(const vec8u *)(out + 8);                     \
+    *(vec8u *)out = x0, *(vec8u *)(out + 8) = x1, out += ldc;
+        STORE(c00, c01) STORE(c10, c11) STORE(c20, c21) STORE(c30, c31) STORE(c40, c41)
+        STORE(c50, c51)
+#undef STORE
         return;
     }
     /* (a last block: through a tile, copied without calls to memcpy, which cost as much as a
@@ -102,48 +114,39 @@ static inline __attribute__((always_inline)) void block(
     *(vec8u *)tile[5] = c50, *(vec8u *)(tile[5] + 8) = c51;
     for (int64_t r = 0; r < height; r++, out += ldc) {
         if (width == L) {
-            *(vec8u *)out = *(const vec8u *)tile[r];
-            *(vec8u *)(out + 8) = *(const vec8u *)(tile[r] + 8);
+            vec8 t0 = *(const vec8u *)tile[r], t1 = *(const vec8u *)(tile[r] + 8);
+            if (add) t0 += *(const vec8u *)out, t1 += *(const vec8u *)(out + 8);
+            *(vec8u *)out = t0, *(vec8u *)(out + 8) = t1;
         } else {
-            for (int64_t j = 0; j < width; j++) out[j] = tile[r][j];
+            for (int64_t j = 0; j < width; j++) out[j] = add ? out[j] + tile[r][j] : tile[r][j];
         }
     }
 }
 
-/* c = x @ y: x (rows, inner) with row stride ldx; y (inner <= y.depth, cols) packed; c (rows,
- * cols) with row stride ldc; any rows and cols, and no copies of the operands for padding. */
+/* c = x @ y (with `add`, c += x @ y): x (rows, inner); y (inner <= y.depth, cols) packed; c
+ * (rows, cols) with row stride ldc; any rows and cols, and no copies of the operands for
+ * padding. */
 TA_CLONES
-static void mm(const float *restrict x, int64_t ldx, packed y, float *restrict c, int64_t ldc,
-               int64_t rows, int64_t inner, int64_t cols) {
+static void mm(lhs x, packed y, float *restrict c, int64_t ldc, int64_t rows, int64_t inner,
+               int64_t cols, int add) {
     for (int64_t i0 = 0; i0 < rows; i0 += R) {
-        const int64_t height = MIN(R, rows - i0);
-        const float *x0 = x + i0 * ldx, *x1 = x0 + MIN(1, height - 1) * ldx;
-        const float *x2 = x0 + MIN(2, height - 1) * ldx, *x3 = x0 + MIN(3, height - 1) * ldx;
-        const float *x4 = x0 + MIN(4, height - 1) * ldx, *x5 = x0 + MIN(5, height - 1) * ldx;
+        const int64_t height = MIN(R, rows - i0), ld = x.ld, step = x.step;
+        const float *x0 = x.at + i0 * ld, *x1 = x0 + MIN(1, height - 1) * ld;
+        const float *x2 = x0 + MIN(2, height - 1) * ld, *x3 = x0 + MIN(3, height - 1) * ld;
+        const float *x4 = x0 + MIN(4, height - 1) * ld, *x5 = x0 + MIN(5, height - 1) * ld;
         for (int64_t j0 = 0; j0 < cols; j0 += L) {
             const float *panel = y.at + j0 * y.depth;
             float *out = c + i0 * ldc + j0;
-            const int64_t width = MIN(L, cols - j0);
-            if (height > 4) {
-                block(x0, x1, x2, x3, x4, x5, panel, inner, out, ldc, height, width, R);
+            const int64_t w = MIN(L, cols - j0);
+#define BLOCK(H, T) block(x0, x1, x2, x3, x4, x5, step, panel, inner, out, ldc, height, w, add, H, T)
+            if (step == 1) {
+                if (height > 4) BLOCK(R, 0); else BLOCK(4, 0);
             } else {
-                block(x0, x1, x2, x3, x4, x5, panel, inner, out, ldc, height, width, 4);
+                if (height > 4) BLOCK(R, 1); else BLOCK(4, 1);
             }
+#undef BLOCK
         }
     }
-}
-
-/* A left operand of mm: rows of floats with row stride ld. */
-typedef struct {
-    const float *at;
-    int64_t ld;
-} rows_of;
-
-/* src^T (src: rows x cols, row stride lds) as a left operand (a copy in buf). */
-static rows_of transposed(float *buf, const float *src, int64_t lds, int64_t rows, int64_t cols) {
-    for (int64_t c = 0; c < cols; c++)
-        for (int64_t r = 0; r < rows; r++) buf[c * rows + r] = src[r * lds + c];
-    return (rows_of){buf, rows};
 }
 
 /* The size in floats of a packed operand of depth inner and cols columns. */
@@ -208,7 +211,7 @@ typedef struct {
 TA_CLONES
 static void weights(float *s, const float *q, packed kt, int64_t i0, int64_t rows, int64_t cols,
                     sizes z, float alpha, int64_t diagonal) {
-    mm(q + i0 * z.d, z.d, kt, s, z.m, rows, z.d, cols);
+    mm((lhs){q + i0 * z.d, z.d, 1}, kt, s, z.m, rows, z.d, cols, 0);
     for (int64_t i = 0; i < rows; i++) {
         float *si = s + i * z.m;
         const int64_t last = MIN(kept(i0 + i, z.m, diagonal), cols);
@@ -268,7 +271,7 @@ static void forward_rows(const float *q, keys kv, float *o, float *a, int64_t i0
         memset(o + i0 * z.e, 0, sizeof(float) * rows * z.e);
         return;
     }
-    mm(s, z.m, kv.v, o + i0 * z.e, z.e, rows, cols, z.e);
+    mm((lhs){s, z.m, 1}, kv.v, o + i0 * z.e, z.e, rows, cols, z.e, 0);
 }
 
 /* The forward's blocks first, first + stride, ... below end of G problems' blocks
@@ -297,49 +300,67 @@ static int forward(const float *q, const float *k, const float *v, float *o, flo
 }
 
 /* Problems [g0, g1) of the backward: g_v = a^T g_o, g_s = M * alpha (g_o v^T + g_a)
- * (1 - a^2), g_q = g_s k, g_k = g_s^T q (g_o or g_a NULL: zero; a NULL: recomputed). */
+ * (1 - a^2), g_q = g_s k, g_k = g_s^T q (g_o or g_a NULL: zero; a NULL: recomputed), in
+ * blocks of rb rows as the forward's, those numbered first, first + stride, ... (g_k and g_v:
+ * their sums over those blocks). Causal blocks stop at their
+ * last row's diagonal where q, k and g_o are finite (the masked zeros of g_s and a meet
+ * them). */
 static int backward(const float *q, const float *k, const float *v, const float *a,
                     const float *g_o, const float *g_a, float *g_q, float *g_k, float *g_v,
-                    int64_t g0, int64_t g1, sizes z, float alpha, int64_t diagonal) {
-    const int64_t s_size = z.n * z.m;
-    const int64_t packed_size =
-        MAX(MAX(panels_size(z.d, z.m), panels_size(z.e, z.m)),
-            MAX(panels_size(MAX(z.m, z.n), z.d), panels_size(z.n, z.e)));
-    float *scratch = malloc(sizeof(float) * (3 * s_size + packed_size));
+                    int64_t g0, int64_t g1, int64_t first, int64_t stride, int64_t rb, sizes z,
+                    float alpha, int64_t diagonal) {
+    const int64_t block_size = rb * z.m;
+    const int64_t kt_size = panels_size(z.d, z.m), vt_size = panels_size(z.e, z.m);
+    const int64_t kp_size = panels_size(z.m, z.d), y_size = panels_size(rb, MAX(z.d, z.e));
+    float *scratch =
+        malloc(sizeof(float) * (2 * block_size + kt_size + vt_size + kp_size + y_size));
     if (scratch == NULL) return 1;
-    float *w = scratch, *gs = w + s_size, *t = gs + s_size, *y = t + s_size;
+    float *w = scratch, *gs = w + block_size, *kt = gs + block_size;
+    float *vt = kt + kt_size, *kp = vt + vt_size, *y = kp + kp_size;
     for (int64_t g = g0; g < g1; g++) {
         const float *qg = q + g * z.n * z.d, *kg = k + g * z.m * z.d, *vg = v + g * z.m * z.e;
         const float *gog = g_o ? g_o + g * z.n * z.e : NULL;
-        /* the weights (n x m), given or recomputed */
-        const float *wa = a ? a + g * z.n * z.m : w;
-        if (!a) weights(w, qg, panels(y, kg, z.d, z.d, z.m, 1), 0, z.n, z.m, z, alpha, diagonal);
-        /* gs = g_o v^T (n x m), then g_v = w^T g_o */
-        if (gog) {
-            mm(gog, z.e, panels(y, vg, z.e, z.e, z.m, 1), gs, z.m, z.n, z.e, z.m);
-            rows_of wt = transposed(t, wa, z.m, z.n, z.m);
-            mm(wt.at, wt.ld, panels(y, gog, z.e, z.n, z.e, 0), g_v + g * z.m * z.e, z.e, z.m,
-               z.n, z.e);
-        } else {
-            memset(gs, 0, sizeof(float) * s_size);
-            memset(g_v + g * z.m * z.e, 0, sizeof(float) * z.m * z.e);
-        }
-        for (int64_t i = 0; i < z.n; i++) {
-            float *gsi = gs + i * z.m;
-            const float *wi = wa + i * z.m;
-            const float *gai = g_a ? g_a + (g * z.n + i) * z.m : NULL;
-            const int64_t last = kept(i, z.m, diagonal);
-            for (int64_t j = 0; j < last; j++) {
-                const float total = gai ? gsi[j] + gai[j] : gsi[j];
-                gsi[j] = alpha * (total * (1.0f - wi[j] * wi[j]));
+        const float *gag = g_a ? g_a + g * z.n * z.m : NULL, *ag = a ? a + g * z.n * z.m : NULL;
+        float *gqg = g_q + g * z.n * z.d, *gkg = g_k + g * z.m * z.d, *gvg = g_v + g * z.m * z.e;
+        const packed ktp = ag ? (packed){0} : panels(kt, kg, z.d, z.d, z.m, 1);
+        const packed vtp = gog ? panels(vt, vg, z.e, z.e, z.m, 1) : (packed){0};
+        const packed kpp = panels(kp, kg, z.d, z.m, z.d, 0);
+        memset(gkg, 0, sizeof(float) * z.m * z.d);
+        memset(gvg, 0, sizeof(float) * z.m * z.e);
+        const int skip = kept(rb - 1, z.m, diagonal) < z.m && all_finite(qg, z.n * z.d) &&
+                         all_finite(kg, z.m * z.d) && (!gog || all_finite(gog, z.n * z.e));
+        for (int64_t i0 = first * rb; i0 < z.n; i0 += stride * rb) {
+            const int64_t rows = MIN(rb, z.n - i0);
+            /* the keys these rows meet: all, or those up to the last row's diagonal */
+            const int64_t cols = skip ? kept(i0 + rows - 1, z.m, diagonal) : z.m;
+            if (cols == 0) {
+                memset(gqg + i0 * z.d, 0, sizeof(float) * rows * z.d);
+                continue;
             }
-            for (int64_t j = last; j < z.m; j++) gsi[j] = 0.0f;
+            const int64_t cols_p = MIN((cols + L - 1) / L * L, z.m);
+            /* the block's weights (rows x m, given or recomputed) and gs = g_o v^T */
+            const float *wb = ag ? ag + i0 * z.m : w;
+            if (!ag) weights(w, qg, ktp, i0, rows, cols_p, z, alpha, diagonal);
+            if (gog) mm((lhs){gog + i0 * z.e, z.e, 1}, vtp, gs, z.m, rows, z.e, cols_p, 0);
+            for (int64_t i = 0; i < rows; i++) {
+                float *gsi = gs + i * z.m;
+                const float *wi = wb + i * z.m, *gai = gag ? gag + (i0 + i) * z.m : NULL;
+                const int64_t last = kept(i0 + i, z.m, diagonal);
+                for (int64_t j = 0; j < last; j++) {
+                    const float total = (gog ? gsi[j] : 0.0f) + (gai ? gai[j] : 0.0f);
+                    gsi[j] = alpha * (total * (1.0f - wi[j] * wi[j]));
+                }
+                for (int64_t j = last; j < cols_p; j++) gsi[j] = 0.0f;
+            }
+            /* g_q = gs k; g_v += w^T g_o, g_k += gs^T q (w^T and gs^T read in place) */
+            mm((lhs){gs, z.m, 1}, kpp, gqg + i0 * z.d, z.d, rows, cols, z.d, 0);
+            if (gog) {
+                mm((lhs){wb, 1, z.m}, panels(y, gog + i0 * z.e, z.e, rows, z.e, 0), gvg, z.e, cols,
+                   rows, z.e, 1);
+            }
+            mm((lhs){gs, 1, z.m}, panels(y, qg + i0 * z.d, z.d, rows, z.d, 0), gkg, z.d, cols,
+               rows, z.d, 1);
         }
-        /* g_q = gs k, g_k = gs^T q */
-        mm(gs, z.m, panels(y, kg, z.d, z.m, z.d, 0), g_q + g * z.n * z.d, z.d, z.n, z.m, z.d);
-        rows_of gst = transposed(t, gs, z.m, z.n, z.m);
-        mm(gst.at, gst.ld, panels(y, qg, z.d, z.n, z.d, 0), g_k + g * z.m * z.d, z.d, z.m, z.n,
-           z.d);
     }
     free(scratch);
     return 0;
@@ -379,25 +400,48 @@ int ta_attn_f32(const float *q, const float *k, const float *v, float *o, float 
 
 /* The backward of G problems: g_q, g_k, g_v from g_o and g_a (either NULL: zero) and a (NULL:
  * recomputed); 0, or 1 where scratch memory could not be had. Threads take shares of the
- * problems. */
+ * problems, or where there are fewer problems than threads, blocks of rows in turn, each
+ * summing its g_k and g_v apart (the first thread's into them), added up at the end. */
 int ta_attn_backward_f32(const float *q, const float *k, const float *v, const float *a,
-                               const float *g_o, const float *g_a, float *g_q, float *g_k,
-                               float *g_v, int64_t G, int64_t n, int64_t m, int64_t d,
-                               int64_t e, float alpha, int64_t diagonal, int threads) {
+                         const float *g_o, const float *g_a, float *g_q, float *g_k, float *g_v,
+                         int64_t G, int64_t n, int64_t m, int64_t d, int64_t e, float alpha,
+                         int64_t diagonal, int threads) {
     const sizes z = {n, m, d, e};
+#ifndef _OPENMP
+    threads = 1;
+#endif
+    const int64_t rb = block_rows(z, G, diagonal, threads);
+    const int64_t k_size = G * m * d, v_size = G * m * e;
+    float *own = threads > 1 && G < threads
+                     ? malloc(sizeof(float) * (threads - 1) * (k_size + v_size))
+                     : NULL;
+    if (threads > 1 && G < threads && own == NULL) threads = 1;
 #ifdef _OPENMP
-    if (threads > 1 && G > 1) {
-        int failed = 0;
+    if (threads > 1) {
+        int failed = 0, parts_run = 1;
         _Pragma("omp parallel num_threads(threads) reduction(| : failed)") {
             const int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
-            const int64_t g0 = G * me / parts, g1 = G * (me + 1) / parts;
-            if (g0 < g1) failed |= backward(q, k, v, a, g_o, g_a, g_q, g_k, g_v, g0, g1, z,
-                                            alpha, diagonal);
+            if (me == 0) parts_run = (int)parts;
+            if (own == NULL) {
+                const int64_t g0 = G * me / parts, g1 = G * (me + 1) / parts;
+                if (g0 < g1) failed |= backward(q, k, v, a, g_o, g_a, g_q, g_k, g_v, g0, g1, 0,
+                                                1, rb, z, alpha, diagonal);
+            } else {
+                float *mine = me ? own + (me - 1) * (k_size + v_size) : NULL;
+                failed |= backward(q, k, v, a, g_o, g_a, g_q, me ? mine : g_k,
+                                   me ? mine + k_size : g_v, 0, G, me, parts, rb, z, alpha,
+                                   diagonal);
+            }
         }
+        for (int64_t t = 0; own != NULL && t < parts_run - 1; t++) {
+            const float *theirs = own + t * (k_size + v_size);
+            for (int64_t i = 0; i < k_size; i++) g_k[i] += theirs[i];
+            for (int64_t i = 0; i < v_size; i++) g_v[i] += theirs[k_size + i];
+        }
+        free(own);
         return failed;
     }
-#else
-    (void)threads;
 #endif
-    return backward(q, k, v, a, g_o, g_a, g_q, g_k, g_v, 0, G, z, alpha, diagonal);
+    free(own);
+    return backward(q, k, v, a, g_o, g_a, g_q, g_k, g_v, 0, G, 0, 1, rb, z, alpha, diagonal);
 }

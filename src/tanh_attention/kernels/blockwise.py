@@ -24,10 +24,9 @@ very smallest of the one-block calls, where a backward may follow, are recorded 
 for autograd instead (:func:`graph`, ``_GRAPH_MAX_ENTRIES``). Before all of these, a float32
 call without a mask or dropout goes to the compiled kernels (``kernels/attn.c`` through
 ``native.try_attn`` and ``native.try_attn_backward``) where those serve it (contiguous inputs
-of one batch shape; the forward of any size but decoding steps, the backward of small calls,
-``native.BACKWARD_MAX_WORK``): one C call instead of a dozen aten calls, each of which costs
-microseconds before it computes, with products near the core's peak; calls the backward
-serves are never recorded as aten ops.
+of one batch shape, not a decoding step: ``native.MAX_KEYS_PER_QUERY``): one C call instead
+of a dozen aten calls, each of which costs microseconds before it computes, with products
+near the core's peak; such calls are never recorded as aten ops.
 
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no

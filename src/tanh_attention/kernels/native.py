@@ -2,9 +2,9 @@
 cached, loaded with ctypes; where they cannot be, the CPU kernels keep their other paths.
 
 - ``tanh.c``: the "compiled" tanh method of the CPU kernels (:func:`tanh_`, :func:`try_tanh_`);
-- ``attn.c``: the whole forward of a float32 call, and the whole backward of a small one
-  (:func:`try_attn`, :func:`try_attn_backward`), in one C call each: no aten op's cost per
-  call, products near the core's peak, causal blocks that stop at the diagonal.
+- ``attn.c``: the whole forward and the whole backward of a float32 call (:func:`try_attn`,
+  :func:`try_attn_backward`), in one C call each: no aten op's cost per call, products near
+  the core's peak, causal blocks that stop at the diagonal.
 
 Why at run time: the package installs as pure Python (no compiler needed, one wheel for
 every machine), and the kernels are plain C functions with no PyTorch headers, so building
@@ -38,9 +38,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BACKWARD_MAX_ENTRIES",
-    "BACKWARD_MAX_WORK",
-    "BACKWARD_SERIAL_MAX_WORK",
     "MAX_ERROR",
     "MAX_KEYS_PER_QUERY",
     "MAX_ULP",
@@ -58,29 +55,17 @@ __all__ = [
 MAX_ULP = 5.0
 MAX_ERROR = 2.0**-22
 
-# The calls attn.c serves (try_attn, try_attn_backward), measured on the AVX2 AMD EPYC of
-# benchmarks/RESULTS.md (section "one C call for every forward").
-# Both: at most this many keys a query. A decoding step (few queries, many keys) costs
-# attn.c a packed copy of each problem's keys, as much as its products, and its row blocks
-# of R = 6 compute six rows for one (32 x 1 x 1024 x 128 took 10.7 ms in C, 4.0 ms through
-# aten, 4.5 ms the composite).
+# The calls attn.c serves (try_attn, try_attn_backward): every float32 call it can read, but
+# decoding steps: at most this many keys a query. A decoding step (few queries, many keys)
+# costs attn.c a packed copy of each problem's keys, as much as its products, and its
+# register blocks compute at least four rows for one (32 x 1 x 1024 x 128 took 10.7 ms in
+# C, 4.0 ms through aten, 4.5 ms the composite). Everywhere else it costs less than the aten
+# path (benchmarks/RESULTS.md, "every forward and backward in one C call": one thread and
+# two, 1 x 1 to 64 x 4, n = 16 to 1024, d = 16 to 128, forward 0.3-1.0x the aten path's time,
+# forward+backward 0.4-1.0x).
 MAX_KEYS_PER_QUERY = 16
-# The forward serves every other call (blocks of rows in L2, products at 95-100 GFLOP/s a
-# core, causal blocks that stop at the diagonal): at one thread 0.4-0.97x the aten path's
-# time from 1 x 1 x 64 x 16 to 64 x 4 x 1024 x 128.
-# The backward holds four n x m matrices of a problem (the weights, their gradient and two
-# transposes): at most this many scores a problem (past it they leave a 512 KiB L2: 1 x 1 x
-# 256 x 128 forward+backward 1.16x the composite with it, 0.97x without), and this many
-# multiply-adds in all, G * n * m * (d + e) (past it aten's batched products win).
-BACKWARD_MAX_ENTRIES = 16384
-BACKWARD_MAX_WORK = 2**24
-# The backward splits problems over threads, so a call with fewer problems than threads
-# runs on fewer threads: past this many multiply-adds it is left to aten, whose products use
-# every thread (two threads, 1 x 1 x n x d against the composite: 128 x 64, 2**21, 0.88x in
-# C, 1.20x through aten; 128 x 128 1.25x and 1.12x).
-BACKWARD_SERIAL_MAX_WORK = 2**21
-# Calls with at least this many multiply-adds run on torch's threads (a parallel region
-# costs a few microseconds).
+# Calls with at least this many multiply-adds, G * n * m * (d + e), run on torch's threads
+# (a parallel region costs a few microseconds).
 PARALLEL_MIN = 2**20
 
 _HERE = Path(__file__).parent
@@ -360,9 +345,8 @@ class _Call(NamedTuple):
     threads: int
 
 
-def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, backward: bool = False) -> _Call | None:
-    """The call, where attn.c serves it (see :func:`try_attn`; with ``backward``,
-    :func:`try_attn_backward`'s limits too), else None."""
+def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
+    """The call, where attn.c serves it (see :func:`try_attn`), else None."""
     library = _load()[0]
     dtype = torch.float32
     if (
@@ -391,21 +375,14 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, backward: bool = Fals
     ):
         return None
     groups = q.numel() // (n * d)
-    work = groups * n * m * (d + e)
-    threads = torch.get_num_threads() if work >= PARALLEL_MIN else 1
-    if backward and (
-        n * m > BACKWARD_MAX_ENTRIES
-        or work > BACKWARD_MAX_WORK
-        or (threads > 1 and groups < threads and work > BACKWARD_SERIAL_MAX_WORK)
-    ):
-        return None
+    threads = torch.get_num_threads() if groups * n * m * (d + e) >= PARALLEL_MIN else 1
     return _Call(library, batch, groups, n, m, d, e, threads)
 
 
 def serves(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
     """Whether :func:`try_attn` and :func:`try_attn_backward` both serve a call of these
     inputs (no mask, no dropout; gradients and ``a`` of their shapes)."""
-    return _served(q, k, v, scale, backward=True) is not None
+    return _served(q, k, v, scale) is not None
 
 
 def try_attn(
@@ -473,14 +450,11 @@ def try_attn_backward(
 
     Returns:
         The three gradients, shaped like q, k and v, in memory of their own; or None, having
-        computed nothing, for any call :func:`try_attn` would not serve, with more than
-        ``BACKWARD_MAX_ENTRIES`` scores a problem or ``BACKWARD_MAX_WORK`` multiply-adds,
-        with fewer problems than threads and more than ``BACKWARD_SERIAL_MAX_WORK``
-        multiply-adds, or whose gradients or ``a`` are not float32 CPU tensors of their
-        shapes. (Gradients that are not
+        computed nothing, for any call :func:`try_attn` would not serve, or whose gradients
+        or ``a`` are not float32 CPU tensors of their shapes. (Gradients that are not
         contiguous, as a broadcast one from ``sum()``, are copied.)
     """
-    call = _served(q, k, v, scale, backward=True)
+    call = _served(q, k, v, scale)
     if call is None:
         return None
     batch, n, m, e = call.batch, call.n, call.m, call.e
