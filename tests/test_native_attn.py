@@ -261,6 +261,25 @@ def test_causal_blocks_skip_only_where_inputs_are_finite(
         )
 
 
+def test_long_sums_are_as_accurate_as_the_composite() -> None:
+    """Sums over thousands of keys or queries (``o``'s over m, ``g_k``'s and ``g_v``'s over n)
+    err no more than the composite's float32 products do against float64: a sum of 2048
+    terms taken in order, or of hundreds of blocks' sums in turn, errs several times more."""
+    q, k, v = _inputs((), 2048, 2048, 16, 16, seed=5)
+    g_o = torch.randn(2048, 16, generator=torch.Generator().manual_seed(6))
+    done = native.try_attn(q, k, v, 0.25, None, False)
+    grads = native.try_attn_backward(g_o, None, q, k, v, None, 0.25, None)
+    assert done is not None and grads is not None
+    want = _vjp(g_o, None, q, k, v, 0.25, "none")
+    composite = _vjp(g_o, None, q, k, v, 0.25, "none", dtype=F32)
+    o_ref = reference(q.double(), k.double(), v.double(), None, 0.25)[0]
+    o_composite = torch.tanh(q @ k.mT * 0.25) @ v
+    pairs = [(done[0], o_composite, o_ref), *zip(grads, composite, want, strict=True)]
+    for got, theirs, exact in pairs:
+        error = (got.double() - exact).abs().max().item()
+        assert error <= 2 * (theirs.double() - exact).abs().max().item() + 1e-6
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     batch=st.sampled_from([(), (2,), (2, 3)]),

@@ -58,8 +58,8 @@ MAX_ERROR = 2.0**-22
 # The calls attn.c serves (try_attn, try_attn_backward): every float32 call it can read, but
 # decoding steps: at most this many keys a query. A decoding step (few queries, many keys)
 # costs attn.c a packed copy of each problem's keys, as much as its products, and its
-# register blocks compute at least four rows for one (32 x 1 x 1024 x 128 took 10.7 ms in
-# C, 4.0 ms through aten, 4.5 ms the composite). Everywhere else it costs less than the aten
+# register blocks compute at least four rows for one (32 x 1 x 1024 x 128, one thread: 4.8 ms
+# in C, 2.6 ms through aten, 2.7 ms the composite). Everywhere else it costs less than the aten
 # path (benchmarks/RESULTS.md, "every forward and backward in one C call": one thread and
 # two, 1 x 1 to 64 x 4, n = 16 to 1024, d = 16 to 128, forward 0.3-1.0x the aten path's time,
 # forward+backward 0.4-1.0x).
