@@ -174,7 +174,7 @@ def _check_attn(attn: Any, backward: Any) -> str | None:
     kind of causal diagonal (causal rows in two blocks), one thread and two, with a saved and
     a recomputed ``a``."""
     gen = torch.Generator().manual_seed(0)
-    groups, n, m, d, e, scale = 3, 14, 19, 7, 9, 0.3
+    groups, n, m, d, e, scale = 3, 30, 19, 7, 9, 0.3
     q, k, v = (
         torch.randn(groups, rows, cols, generator=gen) for rows, cols in ((n, d), (m, d), (m, e))
     )
