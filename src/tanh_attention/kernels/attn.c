@@ -147,7 +147,8 @@ static void mm(lhs x, packed y, float *restrict c, int64_t ldc, int64_t rows, in
                 const float *panel = y.at + j0 * y.depth + p0 * L;
                 float *out = c + i0 * ldc + j0;
                 const int64_t w = MIN(L, cols - j0);
-#define BLOCK(H, T) block(x0, x1, x2, x3, x4, x5, step, panel, depth, out, ldc, height, w, sum, H, T)
+#define BLOCK(H, T) \
+    block(x0, x1, x2, x3, x4, x5, step, panel, depth, out, ldc, height, w, sum, H, T)
                 if (step == 1) {
                     if (height > 4) BLOCK(R, 0); else BLOCK(4, 0);
                 } else {
@@ -277,9 +278,8 @@ static void forward_rows(const float *q, keys kv, float *o, float *a, int64_t i0
     if (a) s = a + i0 * z.m; /* the weights go straight into a */
     /* (whole panels of keys where the row has room: no narrow last tile) */
     weights(s, q, kv.kt, i0, rows, MIN((cols + L - 1) / L * L, z.m), z, alpha, diagonal);
-    if (a && cols < z.m) {
-        for (int64_t i = 0; i < rows; i++) memset(s + i * z.m + cols, 0, sizeof(float) * (z.m - cols));
-    }
+    for (int64_t i = 0; a && cols < z.m && i < rows; i++)
+        memset(s + i * z.m + cols, 0, sizeof(float) * (z.m - cols));
     if (cols == 0) {
         memset(o + i0 * z.e, 0, sizeof(float) * rows * z.e);
         return;
