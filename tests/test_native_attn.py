@@ -145,7 +145,7 @@ def _check_backward(
 
 
 SHAPES = [
-    # (batch, n, m, d, e): rows and columns that need no padding, and each that does
+    # (batch, n, m, d, e): sizes on and off the register block (6 x 16) in each dimension
     ((), 16, 16, 64, 64),
     ((1, 1), 16, 16, 16, 16),
     ((3,), 5, 19, 7, 9),
@@ -157,10 +157,21 @@ SHAPES = [
 ]
 
 
+# Calls of several blocks of rows (attn.c: at most 32768 scores a block, the backward's at
+# least 48 rows, causal blocks 24, for a single problem at two threads one block a thread):
+# last blocks and register blocks of fewer rows, and problems whose blocks threads share.
+LONG = [
+    ((2,), 70, 600, 8, 20),  # 54 + 16 rows
+    ((), 200, 200, 33, 17),  # 162 + 38; one problem for two threads
+    ((3,), 64, 1024, 16, 16),  # forward 30 + 30 + 4, backward 48 + 16
+    ((), 100, 20, 4, 4),  # n > m: bottom-right blocks that keep nothing
+]
+
+
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize(("batch", "n", "m", "d", "e"), SHAPES, ids=str)
+@pytest.mark.parametrize(("batch", "n", "m", "d", "e"), SHAPES + LONG, ids=str)
 def test_matches_the_reference(
     batch: tuple[int, ...],
     n: int,
@@ -179,7 +190,7 @@ def test_matches_the_reference(
 @pytest.mark.parametrize("saved", [True, False], ids=["saved_a", "recomputed_a"])
 @pytest.mark.parametrize("outputs", ["o", "a", "oa"])
 @pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize(("batch", "n", "m", "d", "e"), SHAPES, ids=str)
+@pytest.mark.parametrize(("batch", "n", "m", "d", "e"), SHAPES + LONG, ids=str)
 def test_gradients_match_the_reference(
     batch: tuple[int, ...],
     n: int,
@@ -204,38 +215,6 @@ def test_problems_split_over_threads(causal: str, threads: int) -> None:
     assert native.PARALLEL_MIN <= 7 * 64 * 64 * (40 + 24)
     _check(q, k, v, 0.2, causal, need_weights=True)
     _check_backward(q, k, v, 0.2, causal, "oa", saved=False)
-
-
-# Calls of several blocks of rows (attn.c: at most 32768 scores a block, causal blocks of 24
-# rows, for the forward at least one block a thread): last blocks and register blocks of
-# fewer rows, and problems whose forward blocks two threads share.
-LONG = [
-    ((2,), 70, 600, 8, 20),  # blocks of 48 rows: 48 + 22
-    ((), 200, 200, 33, 17),  # 156 + 44; one problem for two threads
-    ((3,), 64, 1024, 16, 16),  # blocks of 30 (+ 4): weights written straight into a
-    ((), 100, 20, 4, 4),  # n > m: bottom-right blocks that keep nothing
-]
-
-
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("need_weights", [True, False])
-@pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize(("batch", "n", "m", "d", "e"), LONG, ids=str)
-def test_blocks_of_rows(
-    batch: tuple[int, ...],
-    n: int,
-    m: int,
-    d: int,
-    e: int,
-    causal: str,
-    need_weights: bool,
-    threads: int,
-) -> None:
-    """The forward, and the backward with the weights saved or recomputed."""
-    q, k, v = _inputs(batch, n, m, d, e, seed=3)
-    _check(q, k, v, 1 / math.sqrt(d), causal, need_weights)
-    outputs = "oa" if need_weights else "o"
-    _check_backward(q, k, v, 1 / math.sqrt(d), causal, outputs, saved=need_weights)
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)

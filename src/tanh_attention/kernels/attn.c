@@ -315,9 +315,8 @@ static int forward(const float *q, const float *k, const float *v, float *o, flo
 /* Problems [g0, g1) of the backward: g_v = a^T g_o, g_s = M * alpha (g_o v^T + g_a)
  * (1 - a^2), g_q = g_s k, g_k = g_s^T q (g_o or g_a NULL: zero; a NULL: recomputed), in
  * blocks of rb rows as the forward's, those numbered first, first + stride, ... (g_k and g_v:
- * their sums over those blocks). Causal blocks stop at their
- * last row's diagonal where q, k and g_o are finite (the masked zeros of g_s and a meet
- * them). */
+ * their sums over those blocks). Causal blocks stop at their last row's diagonal where q, k
+ * and g_o are finite (the masked zeros of g_s and a meet them). */
 static int backward(const float *q, const float *k, const float *v, const float *a,
                     const float *g_o, const float *g_a, float *g_q, float *g_k, float *g_v,
                     int64_t g0, int64_t g1, int64_t first, int64_t stride, int64_t rb, sizes z,
