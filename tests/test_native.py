@@ -1,7 +1,7 @@
-"""The compiled kernels (``kernels/native.py``; ``tanh.c``, ``attn.c``): how they are built,
-cached and checked, the layouts and threads the tanh takes, and that the kernels fall back
-cleanly wherever they cannot be built. The tanh's accuracy over every float32 input:
-``test_tanh_accuracy.py``; the attention kernels: ``test_native_attn.py``."""
+"""The compiled kernels (``kernels/native.py``; ``tanh.c``, ``attn.c``, ``attn_wide.c``): how
+they are built, shipped, cached and checked, the layouts and threads the tanh takes, and that
+the kernels fall back cleanly wherever they cannot be built. The tanh's accuracy over every
+float32 input: ``test_tanh_accuracy.py``; the attention kernels: ``test_native_attn.py``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,15 @@ def test_it_can_be_turned_off(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> N
     native._compiler() is None or bool(os.environ.get("TANH_ATTENTION_NO_COMPILE", "").strip("0 ")),
     reason="no C compiler here, or the compiled kernels are turned off",
 )
+def test_the_sources_ship_with_the_package() -> None:
+    """An installed (not editable) package holds every file the build reads (pyproject's
+    package-data; tomllib is not in Python 3.10)."""
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    shipped = pyproject.split("[tool.setuptools.package-data]")[1].split("\n[")[0]
+    for path in (*native._SOURCES, *native._HEADERS):
+        assert f'"kernels/{path.name}"' in shipped, path.name
+
+
 def test_with_a_compiler_the_kernels_build_and_pass_their_checks() -> None:
     """Where a compiler is on PATH the library must build, load and pass its checks against
     float64: a wrong kernel fails here rather than only skipping the tests that need it."""

@@ -1,9 +1,10 @@
 """The compiled attention kernels (``kernels/attn.c`` through ``native.try_attn`` and
-``native.try_attn_backward``): forward values and gradients against float64 (the reference's
-autograd, and the VJP from the definition for non-finite inputs) at sizes on and off the
-register block, each causal case, the forward's blocks of rows, one thread and two; the
-calls they decline (they read raw memory, so they must check for themselves); the load-time
-check; and which calls reach them."""
+``native.try_attn_backward``), both builds (vectors of 8 floats, and of 16 from
+``attn_wide.c``): forward values and gradients against float64 (the reference's autograd, and
+the VJP from the definition for non-finite inputs) at sizes on and off the register block,
+each causal case, the forward's blocks of rows, one thread and two; the calls they decline
+(they read raw memory, so they must check for themselves); the load-time check; and which
+calls reach them."""
 
 from __future__ import annotations
 
@@ -23,12 +24,22 @@ from tanh_attention.formulas import causal_diagonal
 from tanh_attention.kernels import blockwise, native
 
 pytestmark = pytest.mark.skipif(
-    native.unavailable_reason() is not None,
-    reason=f"the compiled kernels are unavailable here: {native.unavailable_reason()}",
+    native.vector_floats() is None,
+    reason="the compiled attention kernels serve no call here: "
+    f"{native.unavailable_reason() or 'no AVX2 and FMA'}",
 )
 
 CAUSAL = ["none", "top_left", "bottom_right"]
 F32 = torch.float32
+
+
+@pytest.fixture(autouse=True, params=[8, 16], ids=["vec8", "vec16"])
+def vector_floats(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Each test runs on both builds of attn.c, whatever this CPU would pick (one without
+    AVX-512 runs the 16-float build as narrower machine vectors: slower, the same
+    arithmetic)."""
+    monkeypatch.setattr(native, "_use_wide", lambda library, d, e: request.param == 16)
+    return int(request.param)
 
 
 @pytest.fixture
@@ -145,7 +156,8 @@ def _check_backward(
 
 
 SHAPES = [
-    # (batch, n, m, d, e): sizes on and off the register block (6 x 16) in each dimension
+    # (batch, n, m, d, e): sizes on and off the register block (6 x 16 or 6 x 32) in each
+    # dimension
     ((), 16, 16, 64, 64),
     ((1, 1), 16, 16, 16, 16),
     ((3,), 5, 19, 7, 9),
@@ -265,7 +277,7 @@ def test_long_sums_are_as_accurate_as_the_composite() -> None:
     n=st.integers(1, 40),
     m=st.integers(1, 40),
     d=st.integers(1, 70),
-    e=st.integers(1, 40),
+    e=st.integers(1, 70),
     causal=st.sampled_from(CAUSAL),
     need_weights=st.booleans(),
     scale=st.sampled_from([1.0, 0.125, -0.7, 3.0]),
@@ -378,15 +390,16 @@ def test_backward_copies_gradients_that_are_not_contiguous() -> None:
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
 
 
-def test_the_load_check_refuses_a_wrong_kernel() -> None:
+def test_the_load_check_refuses_a_wrong_kernel(vector_floats: int) -> None:
     """The check on load has teeth: a kernel that writes nothing, or one that says it
     failed, is refused, forward or backward."""
     library = native._load()[0]
     assert library is not None
-    assert native._check_attn(library.attn, library.backward) is None
+    attn, backward = library.wide if vector_floats == 16 else library.narrow
+    assert native._check_attn(attn, backward, vector_floats) is None
     for wrong in (lambda *args: 0, lambda *args: 1):
-        assert "wrong" in str(native._check_attn(wrong, library.backward))
-        assert "wrong" in str(native._check_attn(library.attn, wrong))
+        assert "wrong" in str(native._check_attn(wrong, backward, vector_floats))
+        assert "wrong" in str(native._check_attn(attn, wrong, vector_floats))
 
 
 def _record_served(monkeypatch: pytest.MonkeyPatch, name: str) -> list[bool]:
@@ -466,3 +479,36 @@ def test_small_training_calls_reach_it(
     want = torch.autograd.grad(refs, leaves, [g.double() for g in grads_out])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=2e-5)
+
+
+def test_without_full_width_vectors_calls_keep_the_aten_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a CPU where neither build runs at its full width (no AVX2 and FMA, or not x86-64),
+    the kernels serve no call, and attention is still right."""
+    library = native._load()[0]
+    assert library is not None
+    monkeypatch.setattr(native, "_load", lambda: (library._replace(vector_floats=0), None))
+    assert native.vector_floats() is None
+    q, k, v = _inputs((2,), 8, 12, 16, 16)
+    assert native.try_attn(q, k, v, 0.5, None, True) is None
+    assert native.try_attn_backward(torch.ones(2, 8, 16), None, q, k, v, None, 0.5, None) is None
+    o, a = tanh_attention.attn(q, k, v, scale=0.5)
+    o_ref, a_ref = reference(q.double(), k.double(), v.double(), None, 0.5)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(a.double(), a_ref, rtol=0, atol=2e-6)
+
+
+def test_avx512_takes_the_wide_build_above_16_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the CPU runs 16-float vectors (AVX-512), calls with d and e above 16 take them;
+    smaller ones keep the 8-float build (32-column panels of 16 would be half zeros)."""
+    monkeypatch.undo()  # (the real choice, not the fixture's)
+    library = native._load()[0]
+    assert library is not None
+    wide = library._replace(vector_floats=16)
+    monkeypatch.setattr(native, "_load", lambda: (wide, None))
+    assert native.vector_floats(64) == 16 and native.vector_floats(32, 24) == 16
+    assert native.vector_floats(16) == 8 and native.vector_floats(64, 16) == 8
+    for d, kernels in ((16, library.narrow), (64, library.wide)):
+        call = native._served(*_inputs((2,), 8, 12, d, d), 0.5)
+        assert call is not None and call.kernels is kernels

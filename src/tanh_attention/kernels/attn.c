@@ -44,13 +44,22 @@
 #include <omp.h>
 #endif
 
-/* The register block: R rows by L columns (two vectors of 8 floats): 12 accumulators, two
- * operand vectors and a broadcast fill 15 of AVX2's 16 registers. */
-#define R 6
-#define L 16
+/* The vector: VF floats. This file builds as it is with VF = 8 (AVX2's 256 bits), and again
+ * through attn_wide.c with VF = 16 (AVX-512's 512 bits), its exported names ending in _wide:
+ * on a CPU with AVX-512 the 8-float kernels leave half of each vector unit idle (native.py
+ * picks the kernels per call). */
+#ifndef VF
+#define VF 8
+#define NAME(name) name
+#endif
 
-typedef float vec8 __attribute__((vector_size(32)));
-typedef float vec8u __attribute__((vector_size(32), aligned(4))); /* unaligned access */
+/* The register block: R rows by L columns (two vectors): 12 accumulators, two operand
+ * vectors and a broadcast fill 15 of AVX2's 16 registers (of AVX-512's 32). */
+#define R 6
+#define L (2 * VF)
+
+typedef float vec __attribute__((vector_size(4 * VF)));
+typedef float vecu __attribute__((vector_size(4 * VF), aligned(4))); /* unaligned access */
 
 /* A right operand of mm, packed: panels of L columns, entry (p, j) at
  * at[(j / L) * depth * L + p * L + j % L], zero past its columns (made by `panels` below). */
@@ -80,11 +89,11 @@ static inline __attribute__((always_inline)) void block(
     float *restrict out, int64_t ldc, int64_t height, int64_t width, int add, const int H,
     const int T) {
     const int64_t s = T ? step : 1;
-    vec8 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
-    vec8 c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+    vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
+    vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
     for (int64_t p = 0; p < inner; p++) {
-        const vec8 y0 = *(const vec8u *)(panel + p * L);
-        const vec8 y1 = *(const vec8u *)(panel + p * L + 8);
+        const vec y0 = *(const vecu *)(panel + p * L);
+        const vec y1 = *(const vecu *)(panel + p * L + VF);
         c00 += x0[p * s] * y0, c01 += x0[p * s] * y1;
         c10 += x1[p * s] * y0, c11 += x1[p * s] * y1;
         c20 += x2[p * s] * y0, c21 += x2[p * s] * y1;
@@ -96,8 +105,8 @@ static inline __attribute__((always_inline)) void block(
     }
     if (height == H && height == R && width == L) {
 #define STORE(x0, x1)                                                                        \
-    if (add) x0 += *(const vec8u *)out, x1 += *(const vec8u *)(out + 8);                     \
-    *(vec8u *)out = x0, *(vec8u *)(out + 8) = x1, out += ldc;
+    if (add) x0 += *(const vecu *)out, x1 += *(const vecu *)(out + VF);                     \
+    *(vecu *)out = x0, *(vecu *)(out + VF) = x1, out += ldc;
         STORE(c00, c01) STORE(c10, c11) STORE(c20, c21) STORE(c30, c31) STORE(c40, c41)
         STORE(c50, c51)
 #undef STORE
@@ -106,17 +115,17 @@ static inline __attribute__((always_inline)) void block(
     /* (a last block: through a tile, copied without calls to memcpy, which cost as much as a
      * small problem's products) */
     float tile[R][L];
-    *(vec8u *)tile[0] = c00, *(vec8u *)(tile[0] + 8) = c01;
-    *(vec8u *)tile[1] = c10, *(vec8u *)(tile[1] + 8) = c11;
-    *(vec8u *)tile[2] = c20, *(vec8u *)(tile[2] + 8) = c21;
-    *(vec8u *)tile[3] = c30, *(vec8u *)(tile[3] + 8) = c31;
-    *(vec8u *)tile[4] = c40, *(vec8u *)(tile[4] + 8) = c41;
-    *(vec8u *)tile[5] = c50, *(vec8u *)(tile[5] + 8) = c51;
+    *(vecu *)tile[0] = c00, *(vecu *)(tile[0] + VF) = c01;
+    *(vecu *)tile[1] = c10, *(vecu *)(tile[1] + VF) = c11;
+    *(vecu *)tile[2] = c20, *(vecu *)(tile[2] + VF) = c21;
+    *(vecu *)tile[3] = c30, *(vecu *)(tile[3] + VF) = c31;
+    *(vecu *)tile[4] = c40, *(vecu *)(tile[4] + VF) = c41;
+    *(vecu *)tile[5] = c50, *(vecu *)(tile[5] + VF) = c51;
     for (int64_t r = 0; r < height; r++, out += ldc) {
         if (width == L) {
-            vec8 t0 = *(const vec8u *)tile[r], t1 = *(const vec8u *)(tile[r] + 8);
-            if (add) t0 += *(const vec8u *)out, t1 += *(const vec8u *)(out + 8);
-            *(vec8u *)out = t0, *(vec8u *)(out + 8) = t1;
+            vec t0 = *(const vecu *)tile[r], t1 = *(const vecu *)(tile[r] + VF);
+            if (add) t0 += *(const vecu *)out, t1 += *(const vecu *)(out + VF);
+            *(vecu *)out = t0, *(vecu *)(out + VF) = t1;
         } else {
             for (int64_t j = 0; j < width; j++) out[j] = add ? out[j] + tile[r][j] : tile[r][j];
         }
@@ -177,8 +186,8 @@ static packed panels(float *buf, const float *src, int64_t lds, int64_t inner, i
         } else if (width == L) {
             for (int64_t p = 0; p < inner; p++) {
                 const float *row = src + p * lds + j0;
-                *(vec8u *)(panel + p * L) = *(const vec8u *)row;
-                *(vec8u *)(panel + p * L + 8) = *(const vec8u *)(row + 8);
+                *(vecu *)(panel + p * L) = *(const vecu *)row;
+                *(vecu *)(panel + p * L + VF) = *(const vecu *)(row + VF);
             }
         } else {
             for (int64_t p = 0; p < inner; p++)
@@ -199,16 +208,16 @@ static int64_t kept(int64_t i, int64_t m, int64_t diagonal) {
 /* Whether all count floats of x are finite (x * 0 is 0 for finite x, NaN else). */
 TA_CLONES
 static int all_finite(const float *x, int64_t count) {
-    vec8 acc0 = {0}, acc1 = {0}; /* (two sums: half the wait on each addition) */
+    vec acc0 = {0}, acc1 = {0}; /* (two sums: half the wait on each addition) */
     int64_t i = 0;
-    for (; i + 16 <= count; i += 16) {
-        acc0 += *(const vec8u *)(x + i) * 0.0f;
-        acc1 += *(const vec8u *)(x + i + 8) * 0.0f;
+    for (; i + 2 * VF <= count; i += 2 * VF) {
+        acc0 += *(const vecu *)(x + i) * 0.0f;
+        acc1 += *(const vecu *)(x + i + VF) * 0.0f;
     }
     acc0 += acc1;
     float rest = 0.0f;
     for (; i < count; i++) rest += x[i] * 0.0f;
-    for (int lane = 0; lane < 8; lane++) rest += acc0[lane];
+    for (int lane = 0; lane < VF; lane++) rest += acc0[lane];
     return rest == 0.0f;
 }
 
@@ -382,9 +391,9 @@ static int backward(const float *q, const float *k, const float *v, const float 
  * (then o and a hold nothing meaningful). Threads take shares of the problems, or where
  * there are fewer problems than threads, blocks of rows in turn (so that a causal problem's
  * short and long blocks are shared out). */
-int ta_attn_f32(const float *q, const float *k, const float *v, float *o, float *a, int64_t G,
-                int64_t n, int64_t m, int64_t d, int64_t e, float alpha, int64_t diagonal,
-                int threads) {
+int NAME(ta_attn_f32)(const float *q, const float *k, const float *v, float *o, float *a,
+                      int64_t G, int64_t n, int64_t m, int64_t d, int64_t e, float alpha,
+                      int64_t diagonal, int threads) {
     const sizes z = {n, m, d, e};
 #ifndef _OPENMP
     threads = 1;
@@ -414,10 +423,11 @@ int ta_attn_f32(const float *q, const float *k, const float *v, float *o, float 
  * recomputed); 0, or 1 where scratch memory could not be had. Threads take shares of the
  * problems, or where there are fewer problems than threads, blocks of rows in turn, each
  * summing its g_k and g_v apart (the first thread's into them), added up at the end. */
-int ta_attn_backward_f32(const float *q, const float *k, const float *v, const float *a,
-                         const float *g_o, const float *g_a, float *g_q, float *g_k, float *g_v,
-                         int64_t G, int64_t n, int64_t m, int64_t d, int64_t e, float alpha,
-                         int64_t diagonal, int threads) {
+int NAME(ta_attn_backward_f32)(const float *q, const float *k, const float *v,
+                               const float *a, const float *g_o, const float *g_a, float *g_q,
+                               float *g_k, float *g_v, int64_t G, int64_t n, int64_t m,
+                               int64_t d, int64_t e, float alpha, int64_t diagonal,
+                               int threads) {
     const sizes z = {n, m, d, e};
 #ifndef _OPENMP
     threads = 1;

@@ -4,7 +4,8 @@ cached, loaded with ctypes; where they cannot be, the CPU kernels keep their oth
 - ``tanh.c``: the "compiled" tanh method of the CPU kernels (:func:`tanh_`, :func:`try_tanh_`);
 - ``attn.c``: the whole forward and the whole backward of a float32 call (:func:`try_attn`,
   :func:`try_attn_backward`), in one C call each: no aten op's cost per call, products near
-  the core's peak, causal blocks that stop at the diagonal.
+  the core's peak, causal blocks that stop at the diagonal. ``attn_wide.c`` builds it again
+  with vectors of 16 floats, which calls take on CPUs with AVX-512 (:func:`vector_floats`).
 
 Why at run time: the package installs as pure Python (no compiler needed, one wheel for
 every machine), and the kernels are plain C functions with no PyTorch headers, so building
@@ -12,10 +13,11 @@ them takes about a second. The library is cached per source, compiler and flags 
 ``$TANH_ATTENTION_CACHE`` (default ``$XDG_CACHE_HOME/tanh_attention`` or
 ``~/.cache/tanh_attention``), written to a temporary name and renamed, so concurrent
 processes (distributed workers) never load a half-written file. On x86-64 one build holds
-clones for AVX-512, AVX2 and baseline x86-64, chosen by the CPU at load time, so a cache
-shared by different machines is safe. ``TANH_ATTENTION_NO_COMPILE=1`` never builds it.
+clones for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and baseline x86-64, chosen by the CPU at
+load time, so a cache shared by different machines is safe. ``TANH_ATTENTION_NO_COMPILE=1``
+never builds it.
 
-On load both kernels are checked against float64 on this machine. :func:`unavailable_reason`
+On load every kernel is checked against float64 on this machine. :func:`unavailable_reason`
 says why the library is not used (no compiler, a failed build, a failed load, or a check
 that failed); ``kernels.cpu.tanh_method`` then picks among the other tanh methods, and says
 so, and attention takes the aten ops (``kernels/blockwise.py``).
@@ -48,6 +50,7 @@ __all__ = [
     "try_attn_backward",
     "try_tanh_",
     "unavailable_reason",
+    "vector_floats",
 ]
 
 # The tanh's promise for every float32 input (native.h; tests/test_tanh_accuracy.py sweeps
@@ -69,7 +72,7 @@ MAX_KEYS_PER_QUERY = 16
 PARALLEL_MIN = 2**20
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "tanh.c", _HERE / "attn.c")
+_SOURCES = (_HERE / "tanh.c", _HERE / "attn.c", _HERE / "attn_wide.c")
 _HEADERS = (_HERE / "native.h",)
 _NO_COMPILE_ENV = "TANH_ATTENTION_NO_COMPILE"
 _CACHE_ENV = "TANH_ATTENTION_CACHE"
@@ -168,13 +171,13 @@ def _check(function: ctypes._CFuncPtr) -> str | None:  # type: ignore[name-defin
     return None if bool(nan.isnan()) else "the compiled tanh does not keep NaN here"
 
 
-def _check_attn(attn: Any, backward: Any) -> str | None:
+def _check_attn(attn: Any, backward: Any, vector_floats: int = 8) -> str | None:
     """Why this build's attention forward or backward is wrong here (None: both are right),
-    against float64 on problems of sizes that are no multiples of the register block, each
-    kind of causal diagonal (causal rows in two blocks), one thread and two, with a saved and
-    a recomputed ``a``."""
+    against float64 on problems of sizes that are no multiples of the register block (its
+    columns: two vectors of ``vector_floats``), each kind of causal diagonal (causal rows in
+    two blocks), one thread and two, with a saved and a recomputed ``a``."""
     gen = torch.Generator().manual_seed(0)
-    groups, n, m, d, e, scale = 3, 30, 19, 7, 9, 0.3
+    groups, n, m, d, e, scale = 3, 30, 2 * vector_floats + 3, 7, 9, 0.3
     q, k, v = (
         torch.randn(groups, rows, cols, generator=gen) for rows, cols in ((n, d), (m, d), (m, e))
     )
@@ -225,12 +228,20 @@ def _pointers(*tensors: Tensor | None) -> list[int | None]:
     return [None if t is None else t.data_ptr() for t in tensors]
 
 
-class _Library(NamedTuple):
-    """The loaded library's kernels (argument types set)."""
+class _Kernels(NamedTuple):
+    """One build of attn.c: its forward and backward (argument types set)."""
 
-    tanh: Any
     attn: Any
     backward: Any
+
+
+class _Library(NamedTuple):
+    """The loaded library's kernels."""
+
+    tanh: Any
+    narrow: _Kernels  # vectors of 8 floats (attn.c)
+    wide: _Kernels  # of 16 (attn_wide.c)
+    vector_floats: int  # of the build this CPU runs at full width: 16, 8 or 0 (neither)
 
 
 @functools.cache
@@ -246,19 +257,51 @@ def _load() -> tuple[_Library | None, str | None]:
         return None, why
     try:
         library = ctypes.CDLL(str(path))
-        tanh, attn = library.ta_tanh_f32, library.ta_attn_f32
-        backward = library.ta_attn_backward_f32
+        tanh, vector_floats = library.ta_tanh_f32, library.ta_attn_vector_floats
+        builds = [
+            (
+                getattr(library, f"ta_attn_f32{suffix}"),
+                getattr(library, f"ta_attn_backward_f32{suffix}"),
+            )
+            for suffix in ("", "_wide")
+        ]
     except (OSError, AttributeError) as e:
         return None, f"cannot load the compiled kernels {path}: {e}"
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     tanh.argtypes = [pointer, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     tanh.restype = None
-    attn.argtypes = [*[pointer] * 5, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
-    attn.restype = ctypes.c_int
-    backward.argtypes = [*[pointer] * 9, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
-    backward.restype = ctypes.c_int
-    bad = _check(tanh) or _check_attn(attn, backward)
-    return (None, bad) if bad else (_Library(tanh, attn, backward), None)
+    vector_floats.argtypes, vector_floats.restype = [], ctypes.c_int
+    for attn, backward in builds:
+        attn.argtypes = [*[pointer] * 5, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
+        attn.restype = ctypes.c_int
+        backward.argtypes = [*[pointer] * 9, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
+        backward.restype = ctypes.c_int
+    narrow, wide = (_Kernels(*build) for build in builds)
+    bad = _check(tanh) or _check_attn(*narrow) or _check_attn(*wide, vector_floats=16)
+    if bad:
+        return None, bad
+    return _Library(tanh, narrow, wide, int(vector_floats())), None
+
+
+def _use_wide(library: _Library, d: int, e: int) -> bool:
+    """Whether a call with these feature sizes takes the 16-float kernels: on a CPU with
+    AVX-512, unless d or e is 16 or less (the products whose columns are d or e would be
+    half zeros in 32-column panels: AMD's AVX-512 before Zen 5 runs 512 bits in two halves,
+    so that would cost it twice the time of the 8-float kernels)."""
+    return library.vector_floats == 16 and min(d, e) > 16
+
+
+def vector_floats(d: int = 64, e: int | None = None) -> int | None:
+    """The vector width, in floats, of the compiled attention kernels that serve a call of
+    feature sizes ``d`` (q, k) and ``e`` (v; default ``d``) here: 16 on a CPU with AVX-512
+    (above 16 features), else 8; None where they serve no call: the library is unavailable
+    (see :func:`unavailable_reason`), or neither build runs at its full width on this CPU
+    (x86-64 without AVX2 and FMA, or another architecture: there the vectors are computed
+    piece by piece, 30-40x slower, and attention keeps its aten path)."""
+    library = _load()[0]
+    if library is None or library.vector_floats == 0:
+        return None
+    return 16 if _use_wide(library, d, d if e is None else e) else 8
 
 
 def unavailable_reason() -> str | None:
@@ -333,9 +376,9 @@ def try_tanh_(x: Tensor, scale: float = 1.0) -> Tensor | None:
 
 
 class _Call(NamedTuple):
-    """A call attn.c serves: its library, sizes and threads."""
+    """A call attn.c serves: its kernels, sizes and threads."""
 
-    library: _Library
+    kernels: _Kernels
     batch: torch.Size
     groups: int
     n: int
@@ -351,6 +394,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
     dtype = torch.float32
     if (
         library is None
+        or library.vector_floats == 0
         or q.dtype is not dtype
         or k.dtype is not dtype
         or v.dtype is not dtype
@@ -376,7 +420,8 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
         return None
     groups = q.numel() // (n * d)
     threads = torch.get_num_threads() if groups * n * m * (d + e) >= PARALLEL_MIN else 1
-    return _Call(library, batch, groups, n, m, d, e, threads)
+    kernels = library.wide if _use_wide(library, d, e) else library.narrow
+    return _Call(kernels, batch, groups, n, m, d, e, threads)
 
 
 def serves(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
@@ -400,7 +445,8 @@ def try_attn(
     Returns:
         ``(o, a)``: ``(..., n, e)`` and ``(..., n, m)`` (None unless ``need_weights``), in
         memory of their own; or None, having computed nothing, for any call it does not
-        serve: the kernels unavailable, an input not a contiguous float32 CPU tensor, batch
+        serve: the kernels unavailable or not at full width on this CPU
+        (:func:`vector_floats`), an input not a contiguous float32 CPU tensor, batch
         shapes that differ, a size 0, a scale beyond float32's range, or more than
         ``MAX_KEYS_PER_QUERY`` keys a query (decoding steps). (It checks all of that
         itself: the kernel reads raw memory.)
@@ -413,7 +459,7 @@ def try_attn(
     # the smallest calls)
     o = q.new_empty(*batch, n, call.e)
     a = q.new_empty(*batch, n, m) if need_weights else None
-    failed = call.library.attn(
+    failed = call.kernels.attn(
         q.data_ptr(),
         k.data_ptr(),
         v.data_ptr(),
@@ -467,7 +513,7 @@ def try_attn_backward(
         given.append(t)
     grad_o, grad_a, a = given
     g_q, g_k, g_v = (torch.empty_like(t) for t in (q, k, v))
-    failed = call.library.backward(
+    failed = call.kernels.backward(
         *_pointers(q, k, v, a, grad_o, grad_a, g_q, g_k, g_v),
         call.groups,
         n,

@@ -442,9 +442,12 @@ def machine_info() -> dict[str, Any]:
                 info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))
     except OSError:
         pass
+    from ..kernels import native
     from ..kernels.cpu import tanh_method
 
     info["tanh_method_float32"] = tanh_method(torch.float32)[0]
+    # (the compiled attention kernels' vectors at d = 64; None: they serve no call)
+    info["attn_vector_floats"] = native.vector_floats()
     return info
 
 
