@@ -325,12 +325,17 @@ def test_huge_scores_saturate() -> None:
     _check(q, k, v, 3e38, "none", need_weights=True)
 
 
-def _declined(q: Any, k: Any, v: Any, scale: float = 0.5) -> bool:
-    return native.try_attn(q, k, v, scale, None, True) is None
+@pytest.mark.parametrize("kind", ["attn", "decode"])
+def test_declines_what_it_does_not_serve(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """try_attn, and try_decode for a decoding step's shapes, decline what they cannot read
+    (each input its own problem: the kernels read raw memory)."""
 
+    def _declined(q: Any, k: Any, v: Any, scale: float = 0.5) -> bool:
+        if kind == "decode":
+            return native.try_decode(q, k, v, scale, None) is None
+        return native.try_attn(q, k, v, scale, None, True) is None
 
-def test_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> None:
-    q, k, v = _inputs((2, 3), 4, 5, 6, 7)
+    q, k, v = _inputs((2, 3), 4, 5 if kind == "attn" else 100, 6, 7)
     assert not _declined(q, k, v)
     for dtype in (torch.float64, torch.bfloat16, torch.float16):
         assert _declined(q.to(dtype), k.to(dtype), v.to(dtype))
@@ -354,10 +359,73 @@ def test_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _declined(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])  # 1-D
     assert _declined(q, k, v, scale=3.5e38)  # beyond float32
     assert _declined(q, k, v, scale=math.nan)
-    assert _declined(*_inputs((2,), 1, 17, 4, 4))  # a decoding step: more than 16 keys a query
-    assert not _declined(*_inputs((2,), 1, 16, 4, 4))
+    # decoding steps (more than 16 keys a query) are try_decode's, from 2 to 16 queries
+    steps = [(1, 17), (2, 33), (16, 257), (17, 300)]
+    served = [_declined(*_inputs((2,), n, m, 4, 4)) is False for n, m in steps]
+    assert served == ([False, True, True, False] if kind == "decode" else [False] * 4)
+    assert _declined(*_inputs((2,), 1, 16, 4, 4)) is (kind == "decode")
     monkeypatch.setattr(native, "_load", lambda: (None, "unavailable in this test"))
     assert _declined(q, k, v)
+
+
+# Decoding steps (try_decode): 2 to 16 queries, more than 16 keys a query, in one of its
+# chunks of keys (attn.c's DECODE_KEYS: 1024) or several; enough work for threads (a single
+# problem's keys shared between them, or problems shared).
+DECODE = [
+    ((3,), 2, 40, 7, 9),
+    ((2, 2), 5, 1100, 16, 20),
+    ((1,), 16, 2500, 64, 64),  # threads share its keys
+    ((3,), 16, 1500, 32, 32),  # threads share the problems
+    ((), 16, 300, 33, 17),
+    ((2,), 3, 1030, 128, 8),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize(("batch", "n", "m", "d", "e"), DECODE, ids=str)
+def test_decoding_steps_match_the_reference(
+    batch: tuple[int, ...], n: int, m: int, d: int, e: int, causal: str, threads: int
+) -> None:
+    q, k, v = _inputs(batch, n, m, d, e, seed=7)
+    o = native.try_decode(q, k, v, 1 / math.sqrt(d), causal_diagonal(causal, n, m))
+    assert o is not None, "the call was declined"
+    o_ref = reference(q.double(), k.double(), v.double(), None, 1 / math.sqrt(d), causal)[0]
+    assert o.shape == o_ref.shape and o.dtype == F32 and o.is_contiguous()
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=2e-6 * math.sqrt(max(d, m)))
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k_first", "k_last", "v_first", "v_last"])
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_decoding_steps_propagate_nonfinite_inputs(
+    causal: str, where: str, value: float, threads: int
+) -> None:
+    """A NaN or infinity reaches the rows of o the composite's reaches, also through the
+    weights a causal mask zeroes (0 * inf), and no other (queries past n in the register
+    panel must not leak)."""
+    q, k, v = _inputs((1,), 5, 2000, 64, 64, seed=8)
+    assert native.PARALLEL_MIN <= 5 * 2000 * 128  # (two threads share the keys)
+    target = {"q": q[0, 2], "k_first": k[0, 0], "k_last": k[0, -1]}
+    target |= {"v_first": v[0, 0], "v_last": v[0, -1]}
+    target[where][3] = value
+    o = native.try_decode(q, k, v, 0.5, causal_diagonal(causal, 5, 2000))
+    assert o is not None
+    o_ref = reference(q.double(), k.double(), v.double(), None, 0.5, causal)[0]
+    torch.testing.assert_close(o.double(), o_ref, equal_nan=True, rtol=1e-5, atol=1e-4)
+
+
+def test_decoding_sums_are_as_accurate_as_the_composite() -> None:
+    """o sums over a long cache (16384 keys, in chunks added in turn) err no more than the
+    composite's float32 products do against float64."""
+    q, k, v = _inputs((2,), 16, 16384, 16, 16, seed=9)
+    o = native.try_decode(q, k, v, 0.25, None)
+    assert o is not None
+    exact = reference(q.double(), k.double(), v.double(), None, 0.25)[0]
+    composite = torch.tanh(q @ k.mT * 0.25) @ v
+    error = (o.double() - exact).abs().max().item()
+    assert error <= 2 * (composite.double() - exact).abs().max().item() + 1e-6
 
 
 def test_backward_declines_gradients_it_cannot_read() -> None:
@@ -395,11 +463,13 @@ def test_the_load_check_refuses_a_wrong_kernel(vector_floats: int) -> None:
     failed, is refused, forward or backward."""
     library = native._load()[0]
     assert library is not None
-    attn, backward = library.wide if vector_floats == 16 else library.narrow
+    attn, backward, decode = library.wide if vector_floats == 16 else library.narrow
     assert native._check_attn(attn, backward, vector_floats) is None
+    assert native._check_decode(decode) is None
     for wrong in (lambda *args: 0, lambda *args: 1):
         assert "wrong" in str(native._check_attn(wrong, backward, vector_floats))
         assert "wrong" in str(native._check_attn(attn, wrong, vector_floats))
+        assert "wrong" in str(native._check_decode(wrong))
 
 
 def _record_served(monkeypatch: pytest.MonkeyPatch, name: str) -> list[bool]:
@@ -512,3 +582,18 @@ def test_avx512_takes_the_wide_build_above_16_features(monkeypatch: pytest.Monke
     for d, kernels in ((16, library.narrow), (64, library.wide)):
         call = native._served(*_inputs((2,), 8, 12, d, d), 0.5)
         assert call is not None and call.kernels is kernels
+
+
+def test_decoding_steps_reach_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tanh_attention.attn of a float32 decoding step in inference, without weights
+    (bottom-right causal, a cache of 32 keys a query): o by the compiled decoding step."""
+    served = _record_served(monkeypatch, "try_decode")
+    q, k, v = _inputs((2, 2), 4, 128, 16, 8, seed=10)
+    with torch.no_grad():
+        o, a = tanh_attention.attn(q, k, v, scale=0.3, causal="bottom_right", need_weights=False)
+        assert served == [True] and a is None
+        o_ref = reference(q.double(), k.double(), v.double(), None, 0.3, "bottom_right")[0]
+        torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=2e-5)
+        served.clear()
+        tanh_attention.attn(q, k, v, scale=0.3, causal="bottom_right")  # weights: not a step
+        assert served == []

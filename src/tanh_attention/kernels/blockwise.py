@@ -26,7 +26,9 @@ call without a mask or dropout goes to the compiled kernels (``kernels/attn.c`` 
 ``native.try_attn`` and ``native.try_attn_backward``) where those serve it (contiguous inputs
 of one batch shape, not a decoding step: ``native.MAX_KEYS_PER_QUERY``): one C call instead
 of a dozen aten calls, each of which costs microseconds before it computes, with products
-near the core's peak; such calls are never recorded as aten ops.
+near the core's peak; such calls are never recorded as aten ops. A float32 decoding step's
+``o`` (``native.DECODE_MIN_QUERIES`` to ``DECODE_MAX_QUERIES`` queries, no ``a``) takes
+``native.try_decode``, which reads the cache once, in place.
 
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no
@@ -71,7 +73,7 @@ from .cpu import (
     scores_tanh,
     tanh_,
 )
-from .native import serves, try_attn, try_attn_backward
+from .native import serves, try_attn, try_attn_backward, try_decode
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward", "forward", "graph", "jvp"]
 
@@ -736,9 +738,11 @@ def forward(
     one_block = None
     if block_rows is None and block_cols is None:
         if attn_mask is None and dropout is None:
-            done = try_attn(
-                q, k, v, scale, causal_diagonal(causal, q.shape[-2], k.shape[-2]), need_weights
-            )
+            diagonal = causal_diagonal(causal, q.shape[-2], k.shape[-2])
+            done = try_attn(q, k, v, scale, diagonal, need_weights)
+            if done is None and not need_weights:
+                o = try_decode(q, k, v, scale, diagonal)
+                done = None if o is None else (o, None)
             if done is not None:
                 return done
         one_block = _Whole.of(q, k, v, attn_mask, scale, causal, dropout)

@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DECODE_MAX_QUERIES",
+    "DECODE_MIN_QUERIES",
     "MAX_ERROR",
     "MAX_KEYS_PER_QUERY",
     "MAX_ULP",
@@ -48,6 +50,7 @@ __all__ = [
     "tanh_",
     "try_attn",
     "try_attn_backward",
+    "try_decode",
     "try_tanh_",
     "unavailable_reason",
     "vector_floats",
@@ -67,6 +70,12 @@ MAX_ERROR = 2.0**-22
 # two, 1 x 1 to 64 x 4, n = 16 to 1024, d = 16 to 128, forward 0.3-1.0x the aten path's time,
 # forward+backward 0.4-1.0x).
 MAX_KEYS_PER_QUERY = 16
+# The decoding steps try_decode serves: from DECODE_MIN_QUERIES to DECODE_MAX_QUERIES (its
+# register panel) queries. Its products compute a whole panel of queries, so one query costs
+# as much as 16: 32 x 1 x 4096 x 128, bottom-right, one thread / two: 16.1 / 9.1 ms, where
+# the aten path takes 13.7 / 8.3 for n = 1, 20.5 / 11.4 for n = 2 and 29.3 / 15.4 for n = 16.
+DECODE_MIN_QUERIES = 2
+DECODE_MAX_QUERIES = 16
 # Calls with at least this many multiply-adds, G * n * m * (d + e), run on torch's threads
 # (a parallel region costs a few microseconds).
 PARALLEL_MIN = 2**20
@@ -224,15 +233,41 @@ def _check_attn(attn: Any, backward: Any, vector_floats: int = 8) -> str | None:
     return None
 
 
+def _check_decode(decode: Any) -> str | None:
+    """Why this build's decoding step is wrong here (None: it is right), against float64 on
+    keys in more than one of its chunks (1024 keys), queries that are no multiple of the
+    register block, each kind of causal diagonal, shares of problems and of keys over two
+    threads."""
+    gen = torch.Generator().manual_seed(1)
+    n, m, d, e, scale = 5, 1100, 7, 9, 0.3
+    for groups, diagonal, threads in ((3, m, 1), (1, m - n, 2), (3, 2, 2), (1, -1, 1)):
+        q, k, v = (
+            torch.randn(groups, rows, cols, generator=gen)
+            for rows, cols in ((n, d), (m, d), (m, e))
+        )
+        keep = torch.arange(m) <= torch.arange(n).unsqueeze(-1) + diagonal
+        a_ref = torch.where(keep, torch.tanh(scale * q.double() @ k.double().mT), 0.0)
+        o = torch.empty(groups, n, e)
+        failed = decode(*_pointers(q, k, v, o), groups, n, m, d, e, scale, diagonal, threads)
+        if failed or not (o.double() - a_ref @ v.double()).abs().max().item() <= 1e-4:
+            return f"the compiled decoding step is wrong here (causal diagonal {diagonal})"
+    return None
+
+
 def _pointers(*tensors: Tensor | None) -> list[int | None]:
     return [None if t is None else t.data_ptr() for t in tensors]
 
 
+# ta_attn_<part>f32 of _Kernels' fields, in order
+_SYMBOL_PARTS = ("", "backward_", "decode_")
+
+
 class _Kernels(NamedTuple):
-    """One build of attn.c: its forward and backward (argument types set)."""
+    """One build of attn.c: its forward, backward and decoding step (argument types set)."""
 
     attn: Any
     backward: Any
+    decode: Any
 
 
 class _Library(NamedTuple):
@@ -259,10 +294,7 @@ def _load() -> tuple[_Library | None, str | None]:
         library = ctypes.CDLL(str(path))
         tanh, vector_floats = library.ta_tanh_f32, library.ta_attn_vector_floats
         builds = [
-            (
-                getattr(library, f"ta_attn_f32{suffix}"),
-                getattr(library, f"ta_attn_backward_f32{suffix}"),
-            )
+            _Kernels(*(getattr(library, f"ta_attn_{part}f32{suffix}") for part in _SYMBOL_PARTS))
             for suffix in ("", "_wide")
         ]
     except (OSError, AttributeError) as e:
@@ -271,13 +303,23 @@ def _load() -> tuple[_Library | None, str | None]:
     tanh.argtypes = [pointer, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     tanh.restype = None
     vector_floats.argtypes, vector_floats.restype = [], ctypes.c_int
-    for attn, backward in builds:
-        attn.argtypes = [*[pointer] * 5, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
-        attn.restype = ctypes.c_int
-        backward.argtypes = [*[pointer] * 9, *[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
-        backward.restype = ctypes.c_int
-    narrow, wide = (_Kernels(*build) for build in builds)
-    bad = _check(tanh) or _check_attn(*narrow) or _check_attn(*wide, vector_floats=16)
+    for build in builds:
+        for function, pointers in zip(build, (5, 9, 4), strict=True):
+            function.argtypes = [
+                *[pointer] * pointers,
+                *[i64] * 5,
+                ctypes.c_float,
+                i64,
+                ctypes.c_int,
+            ]
+            function.restype = ctypes.c_int
+    narrow, wide = builds
+    bad = (
+        _check(tanh)
+        or _check_attn(narrow.attn, narrow.backward)
+        or _check_attn(wide.attn, wide.backward, vector_floats=16)
+        or _check_decode(narrow.decode)
+    )
     if bad:
         return None, bad
     return _Library(tanh, narrow, wide, int(vector_floats())), None
@@ -388,8 +430,9 @@ class _Call(NamedTuple):
     threads: int
 
 
-def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
-    """The call, where attn.c serves it (see :func:`try_attn`), else None."""
+def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, decode: bool = False) -> _Call | None:
+    """The call, where attn.c serves it (see :func:`try_attn`; with ``decode``,
+    :func:`try_decode`), else None."""
     library = _load()[0]
     dtype = torch.float32
     if (
@@ -415,12 +458,14 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float) -> _Call | None:
         or not (batch == k_shape[:-2] == v_shape[:-2])
         or 0 in q_shape
         or 0 in v_shape
-        or m > MAX_KEYS_PER_QUERY * n
+        or (m > MAX_KEYS_PER_QUERY * n) != decode
+        or (decode and not DECODE_MIN_QUERIES <= n <= DECODE_MAX_QUERIES)
     ):
         return None
     groups = q.numel() // (n * d)
     threads = torch.get_num_threads() if groups * n * m * (d + e) >= PARALLEL_MIN else 1
-    kernels = library.wide if _use_wide(library, d, e) else library.narrow
+    # (a decoding step's queries are one panel of the 8-float build)
+    kernels = library.wide if not decode and _use_wide(library, d, e) else library.narrow
     return _Call(kernels, batch, groups, n, m, d, e, threads)
 
 
@@ -525,3 +570,38 @@ def try_attn_backward(
         call.threads,
     )
     return None if failed else (g_q, g_k, g_v)
+
+
+def try_decode(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: int | None
+) -> Tensor | None:
+    """``o`` of a float32 decoding step by ``attn.c``: :func:`try_attn`'s forward without
+    ``a``, for the calls it declines as decoding steps, computed transposed so that k and v
+    are read once, in place (no packed copy of the cache).
+
+    Args:
+        q: ``(..., n, d)``, ``DECODE_MIN_QUERIES <= n <= DECODE_MAX_QUERIES``.
+        k: ``(..., m, d)`` with ``m > MAX_KEYS_PER_QUERY * n``.  v: ``(..., m, e)``.
+        scale, diagonal: as for :func:`try_attn`.
+
+    Returns:
+        ``o``, ``(..., n, e)``, in memory of its own; or None, having computed nothing, for
+        any call it does not serve (as :func:`try_attn`, and calls that are no such step).
+    """
+    call = _served(q, k, v, scale, decode=True)
+    if call is None:
+        return None
+    n, m = call.n, call.m
+    o = q.new_empty(*call.batch, n, call.e)
+    failed = call.kernels.decode(
+        *_pointers(q, k, v, o),
+        call.groups,
+        n,
+        m,
+        call.d,
+        call.e,
+        scale,
+        m if diagonal is None else diagonal,
+        call.threads,
+    )
+    return None if failed else o
