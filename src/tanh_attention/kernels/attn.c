@@ -409,57 +409,74 @@ static int backward(const float *q, const float *k, const float *v, const float 
 /* Decoding steps: a few queries (n <= L) against a long cache, o only. The forward above
  * packs each problem's k^T and v, a copy as large as the cache, and computes at least four
  * rows for one query. Here the products run transposed, so that k and v are read in place,
- * once, a chunk of keys at a time: s^T = k q^T (rows: keys; q^T is one packed panel),
- * a^T = M * tanh(alpha s^T), then o^T += v^T a^T (v^T read in place; mm's chunks of 256 keys
- * keep each piece of v in L2 while its rows pass). */
+ * once, a piece of keys at a time: s^T = k q^T (rows: keys; q^T is one packed panel),
+ * a^T = M * tanh(alpha s^T), then o^T += v^T a^T (v^T read in place). A bfloat16 cache is
+ * read as it is, each piece widened to float32 in a buffer that stays in L2 (the cache is
+ * read once, at half the bytes; every sum is float32). The pieces' sums are added up in
+ * groups of DECODE_KEYS keys, and the groups' sums in turn. */
 #define DECODE_KEYS 1024
+#define PIECE 256
 
-/* One thread's scratch for decode_keys. */
+/* One thread's scratch for decode_keys: q^T packed, a piece's s^T, a group's o^T, and a
+ * bfloat16 piece's k and v widened. */
 typedef struct {
-    float *qt, *st, *part;
+    float *qt, *st, *part, *k, *v;
 } decode_scratch;
 
+/* x (count bfloat16 values) as float32 in buf (a bfloat16 is the top half of a float32). */
+static const float *widen(float *buf, const uint16_t *x, int64_t count) {
+    uint32_t *bits = (uint32_t *)buf;
+    for (int64_t i = 0; i < count; i++) bits[i] = (uint32_t)x[i] << 16;
+    return buf;
+}
+
 /* Keys [j0, j1) of one problem into ot (e x L, row stride L; column i: query i's share of
- * o, past n: meaningless), each chunk's sum added to it in turn. */
+ * o, past n: meaningless); k and v float32, or with `bf16`, bfloat16. */
 TA_CLONES
-static void decode_keys(const float *q, const float *k, const float *v, float *ot, int64_t j0,
-                        int64_t j1, sizes z, float alpha, int64_t diagonal, decode_scratch w) {
+static void decode_keys(const float *q, const void *k, const void *v, int bf16, float *ot,
+                        int64_t j0, int64_t j1, sizes z, float alpha, int64_t diagonal,
+                        decode_scratch w) {
     const packed qt = panels(w.qt, q, z.d, z.d, z.n, 1);
     if (j0 >= j1) memset(ot, 0, sizeof(float) * z.e * L); /* (a thread's share of no keys) */
     for (int64_t c0 = j0; c0 < j1; c0 += DECODE_KEYS) {
-        const int64_t keys = MIN(DECODE_KEYS, j1 - c0);
-        float *st = w.st;
-        mm((lhs){k + c0 * z.d, z.d, 1}, qt, st, L, keys, z.d, L, 0);
-        for (int64_t t = 0; t < keys * L; t++) st[t] = ta_tanh(alpha * st[t]);
-        /* query i keeps key j iff j <= i + diagonal: zeros where j - diagonal > i */
-        for (int64_t p = MAX(0, diagonal + 1 - c0); p < keys; p++)
-            for (int64_t i = 0; i < MIN(z.n, c0 + p - diagonal); i++) st[p * L + i] = 0.0f;
-        const lhs vt = {v + c0 * z.e, 1, z.e};
-        if (c0 == j0) {
-            mm(vt, (packed){st, keys}, ot, L, z.e, keys, L, 0);
-        } else {
-            mm(vt, (packed){st, keys}, w.part, L, z.e, keys, L, 0);
-            for (int64_t t = 0; t < z.e * L; t++) ot[t] += w.part[t];
+        float *sum = c0 == j0 ? ot : w.part;
+        for (int64_t p0 = c0; p0 < MIN(c0 + DECODE_KEYS, j1); p0 += PIECE) {
+            const int64_t keys = MIN(PIECE, j1 - p0);
+            const float *kp = bf16 ? widen(w.k, (const uint16_t *)k + p0 * z.d, keys * z.d)
+                                   : (const float *)k + p0 * z.d;
+            const float *vp = bf16 ? widen(w.v, (const uint16_t *)v + p0 * z.e, keys * z.e)
+                                   : (const float *)v + p0 * z.e;
+            float *st = w.st;
+            mm((lhs){kp, z.d, 1}, qt, st, L, keys, z.d, L, 0);
+            for (int64_t t = 0; t < keys * L; t++) st[t] = ta_tanh(alpha * st[t]);
+            /* query i keeps key j iff j <= i + diagonal: zeros where j - diagonal > i */
+            for (int64_t p = MAX(0, diagonal + 1 - p0); p < keys; p++)
+                for (int64_t i = 0; i < MIN(z.n, p0 + p - diagonal); i++) st[p * L + i] = 0.0f;
+            mm((lhs){vp, 1, z.e}, (packed){st, keys}, sum, L, z.e, keys, L, p0 > c0);
         }
+        for (int64_t t = 0; c0 > j0 && t < z.e * L; t++) ot[t] += w.part[t];
     }
 }
 
-/* The decoding step of G problems (layout above, no a; n <= L): 0, or 1 where scratch
- * memory could not be had or n is too large. Threads take shares of the problems, or where
- * there are fewer problems than threads, shares of each problem's keys, whose sums are
- * added at the end. */
-int NAME(ta_attn_decode_f32)(const float *q, const float *k, const float *v, float *o,
+/* The decoding step of G problems (layout above, no a; n <= L; k and v float32, or with
+ * `bf16`, bfloat16): 0, or 1 where scratch memory could not be had or n is too large.
+ * Threads take shares of the problems, or where there are fewer problems than threads,
+ * shares of each problem's keys, whose sums are added at the end. */
+int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float *o,
                              int64_t G, int64_t n, int64_t m, int64_t d, int64_t e,
-                             float alpha, int64_t diagonal, int threads) {
+                             float alpha, int64_t diagonal, int threads, int bf16) {
     const sizes z = {n, m, d, e};
     if (n > L) return 1;
 #ifndef _OPENMP
     threads = 1;
 #endif
-    const int64_t each = d * L + DECODE_KEYS * L + 2 * e * L; /* qt, st, part, ot */
+    /* qt, st, part, k, v, then ot */
+    const int64_t widened = bf16 ? PIECE * (d + e) : 0;
+    const int64_t each = d * L + PIECE * L + e * L + widened + e * L;
     float *scratch = malloc(sizeof(float) * each * threads);
     if (scratch == NULL) return 1;
     const int split = threads > 1 && G < threads; /* keys shared out */
+    const int64_t q_size = n * d, k_size = m * d * (bf16 ? 2 : 4), v_size = m * e * (bf16 ? 2 : 4);
     for (int64_t g0 = 0; g0 < G; g0 += split ? 1 : G) {
         int parts = 1;
 #ifdef _OPENMP
@@ -472,13 +489,15 @@ int NAME(ta_attn_decode_f32)(const float *q, const float *k, const float *v, flo
             parts = omp_get_num_threads();
 #endif
             float *mine = scratch + me * each;
-            const decode_scratch w = {mine, mine + d * L, mine + d * L + DECODE_KEYS * L};
-            float *ot = w.part + e * L;
+            decode_scratch w = {mine, mine + d * L, mine + d * L + PIECE * L, NULL, NULL};
+            w.k = w.part + e * L, w.v = w.k + PIECE * d;
+            float *ot = w.part + e * L + widened;
             const int64_t g_end = split ? g0 + 1 : G * (me + 1) / parts;
             const int64_t j0 = split ? m * me / parts : 0, j1 = split ? m * (me + 1) / parts : m;
             for (int64_t g = split ? g0 : G * me / parts; g < g_end; g++) {
-                decode_keys(q + g * n * d, k + g * m * d, v + g * m * e, ot, j0, j1, z, alpha,
-                            diagonal, w);
+                decode_keys(q + g * q_size, (const char *)k + g * k_size,
+                            (const char *)v + g * v_size, bf16, ot, j0, j1, z, alpha, diagonal,
+                            w);
                 for (int64_t i = 0; !split && i < n; i++)
                     for (int64_t c = 0; c < e; c++) o[(g * n + i) * e + c] = ot[c * L + i];
             }

@@ -70,11 +70,12 @@ MAX_ERROR = 2.0**-22
 # two, 1 x 1 to 64 x 4, n = 16 to 1024, d = 16 to 128, forward 0.3-1.0x the aten path's time,
 # forward+backward 0.4-1.0x).
 MAX_KEYS_PER_QUERY = 16
-# The decoding steps try_decode serves: from DECODE_MIN_QUERIES to DECODE_MAX_QUERIES (its
-# register panel) queries. Its products compute a whole panel of queries, so one query costs
-# as much as 16: 32 x 1 x 4096 x 128, bottom-right, one thread / two: 16.1 / 9.1 ms, where
-# the aten path takes 13.7 / 8.3 for n = 1, 20.5 / 11.4 for n = 2 and 29.3 / 15.4 for n = 16.
-DECODE_MIN_QUERIES = 2
+# The decoding steps try_decode serves: from DECODE_MIN_QUERIES[dtype] to DECODE_MAX_QUERIES
+# (its register panel) queries. Its products compute a whole panel of queries, so one query
+# costs as much as 16 (benchmarks/RESULTS.md, 32 x 1 x m x 128, bottom-right: in float32 it
+# is faster than the aten path from n = 2 on, in bfloat16, whose widening costs arithmetic
+# while it halves the bytes read, from n = 4 on).
+DECODE_MIN_QUERIES = {torch.float32: 2, torch.bfloat16: 4}
 DECODE_MAX_QUERIES = 16
 # Calls with at least this many multiply-adds, G * n * m * (d + e), run on torch's threads
 # (a parallel region costs a few microseconds).
@@ -235,20 +236,23 @@ def _check_attn(attn: Any, backward: Any, vector_floats: int = 8) -> str | None:
 
 def _check_decode(decode: Any) -> str | None:
     """Why this build's decoding step is wrong here (None: it is right), against float64 on
-    keys in more than one of its chunks (1024 keys), queries that are no multiple of the
-    register block, each kind of causal diagonal, shares of problems and of keys over two
-    threads."""
+    keys in more than one of its groups (1024 keys) and pieces (256), queries that are no
+    multiple of the register block, each kind of causal diagonal, shares of problems and of
+    keys over two threads, a float32 and a bfloat16 cache."""
     gen = torch.Generator().manual_seed(1)
     n, m, d, e, scale = 5, 1100, 7, 9, 0.3
-    for groups, diagonal, threads in ((3, m, 1), (1, m - n, 2), (3, 2, 2), (1, -1, 1)):
+    cases = ((3, m, 1, 0), (1, m - n, 2, 1), (3, 2, 2, 1), (1, -1, 1, 0))
+    for groups, diagonal, threads, bf16 in cases:
         q, k, v = (
             torch.randn(groups, rows, cols, generator=gen)
             for rows, cols in ((n, d), (m, d), (m, e))
         )
+        if bf16:
+            k, v = k.bfloat16(), v.bfloat16()
         keep = torch.arange(m) <= torch.arange(n).unsqueeze(-1) + diagonal
         a_ref = torch.where(keep, torch.tanh(scale * q.double() @ k.double().mT), 0.0)
         o = torch.empty(groups, n, e)
-        failed = decode(*_pointers(q, k, v, o), groups, n, m, d, e, scale, diagonal, threads)
+        failed = decode(*_pointers(q, k, v, o), groups, n, m, d, e, scale, diagonal, threads, bf16)
         if failed or not (o.double() - a_ref @ v.double()).abs().max().item() <= 1e-4:
             return f"the compiled decoding step is wrong here (causal diagonal {diagonal})"
     return None
@@ -305,14 +309,10 @@ def _load() -> tuple[_Library | None, str | None]:
     vector_floats.argtypes, vector_floats.restype = [], ctypes.c_int
     for build in builds:
         for function, pointers in zip(build, (5, 9, 4), strict=True):
-            function.argtypes = [
-                *[pointer] * pointers,
-                *[i64] * 5,
-                ctypes.c_float,
-                i64,
-                ctypes.c_int,
-            ]
+            sizes = [*[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
+            function.argtypes = [*[pointer] * pointers, *sizes]
             function.restype = ctypes.c_int
+        build.decode.argtypes.append(ctypes.c_int)  # (k and v bfloat16)
     narrow, wide = builds
     bad = (
         _check(tanh)
@@ -434,7 +434,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, decode: bool = False)
     """The call, where attn.c serves it (see :func:`try_attn`; with ``decode``,
     :func:`try_decode`), else None."""
     library = _load()[0]
-    dtype = torch.float32
+    dtype = q.dtype if decode and q.dtype is torch.bfloat16 else torch.float32
     if (
         library is None
         or library.vector_floats == 0
@@ -459,7 +459,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, decode: bool = False)
         or 0 in q_shape
         or 0 in v_shape
         or (m > MAX_KEYS_PER_QUERY * n) != decode
-        or (decode and not DECODE_MIN_QUERIES <= n <= DECODE_MAX_QUERIES)
+        or (decode and not DECODE_MIN_QUERIES[dtype] <= n <= DECODE_MAX_QUERIES)
     ):
         return None
     groups = q.numel() // (n * d)
@@ -575,12 +575,13 @@ def try_attn_backward(
 def try_decode(
     q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: int | None
 ) -> Tensor | None:
-    """``o`` of a float32 decoding step by ``attn.c``: :func:`try_attn`'s forward without
-    ``a``, for the calls it declines as decoding steps, computed transposed so that k and v
-    are read once, in place (no packed copy of the cache).
+    """``o`` of a float32 or bfloat16 decoding step by ``attn.c``: :func:`try_attn`'s forward
+    without ``a``, for the calls it declines as decoding steps, computed transposed so that k
+    and v are read once, in place (no packed or converted copy of the cache; bfloat16 is
+    widened piece by piece, every sum float32, ``o`` rounded once).
 
     Args:
-        q: ``(..., n, d)``, ``DECODE_MIN_QUERIES <= n <= DECODE_MAX_QUERIES``.
+        q: ``(..., n, d)``, ``DECODE_MIN_QUERIES[q.dtype] <= n <= DECODE_MAX_QUERIES``.
         k: ``(..., m, d)`` with ``m > MAX_KEYS_PER_QUERY * n``.  v: ``(..., m, e)``.
         scale, diagonal: as for :func:`try_attn`.
 
@@ -592,6 +593,8 @@ def try_decode(
     if call is None:
         return None
     n, m = call.n, call.m
+    bf16 = q.dtype is torch.bfloat16
+    q = q.float()  # (n x d: small)
     o = q.new_empty(*call.batch, n, call.e)
     failed = call.kernels.decode(
         *_pointers(q, k, v, o),
@@ -603,5 +606,6 @@ def try_decode(
         scale,
         m if diagonal is None else diagonal,
         call.threads,
+        bf16,
     )
-    return None if failed else o
+    return None if failed else o.to(k.dtype)
