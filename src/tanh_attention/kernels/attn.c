@@ -193,6 +193,7 @@ static int64_t panels_size(int64_t inner, int64_t cols) { return (cols + L - 1) 
 
 /* src (inner x cols, row stride lds), or with `transpose` src^T (src: cols x inner, row
  * stride lds), as a right operand of mm of depth inner packed in buf (zero past cols). */
+TA_CLONES
 static packed panels(float *buf, const float *src, int64_t lds, int64_t inner, int64_t cols,
                      int transpose) {
     for (int64_t j0 = 0; j0 < cols; j0 += L) {
@@ -345,6 +346,7 @@ static int forward(const float *q, const float *k, const float *v, float *o, flo
  * blocks of rb rows as the forward's, those numbered first, first + stride, ... (g_k and g_v:
  * their sums over those blocks). Causal blocks stop at their last row's diagonal where q, k
  * and g_o are finite (the masked zeros of g_s and a meet them). */
+TA_CLONES
 static int backward(const float *q, const float *k, const float *v, const float *a,
                     const float *g_o, const float *g_a, float *g_q, float *g_k, float *g_v,
                     int64_t g0, int64_t g1, int64_t first, int64_t stride, int64_t rb, sizes z,
@@ -417,7 +419,7 @@ static int backward(const float *q, const float *k, const float *v, const float 
 #define DECODE_KEYS 1024
 #define PIECE 256
 
-/* One thread's scratch for decode_keys: q^T packed, a piece's s^T, a group's o^T, and a
+/* One thread's scratch for decode_keys: q^T packed, a piece's s^T (or few_keys' rows of o), a group's o^T, and a
  * bfloat16 piece's k and v widened. */
 typedef struct {
     float *qt, *st, *part, *k, *v;
@@ -428,6 +430,46 @@ static const float *widen(float *buf, const uint16_t *x, int64_t count) {
     uint32_t *bits = (uint32_t *)buf;
     for (int64_t i = 0; i < count; i++) bits[i] = (uint32_t)x[i] << 16;
     return buf;
+}
+
+/* At most this many queries take few_keys: the panel's products compute L queries for any n
+ * (32 x 1 x 4096 x 128, one thread: the same 16 ms for n = 1 to 16), few_keys' cost grows
+ * with n (n = 1, 2, 3: 13.4, 16.1, 18.8 ms). */
+#define FEW 2
+
+/* x . y over d floats (vectorized over d; a short sum: in any order). */
+static inline float dot(const float *x, const float *y, int64_t d) {
+    vec s0 = {0}, s1 = {0};
+    int64_t p = 0;
+    for (; p + 2 * VF <= d; p += 2 * VF) {
+        s0 += *(const vecu *)(x + p) * *(const vecu *)(y + p);
+        s1 += *(const vecu *)(x + p + VF) * *(const vecu *)(y + p + VF);
+    }
+    s0 += s1;
+    float sum = 0.0f;
+    for (int lane = 0; lane < VF; lane++) sum += s0[lane];
+    for (; p < d; p++) sum += x[p] * y[p];
+    return sum;
+}
+
+/* Keys p0 .. p0 + keys - 1 of one problem (rows kp, vp) for n <= FEW queries: pb (n x e) =
+ * their weighted rows of v, each score a dot product vectorized over d and each row of v
+ * added vectorized over e (a masked weight is 0 and still multiplies its row). */
+TA_CLONES
+static void few_keys(const float *q, const float *kp, const float *vp, int64_t p0, int64_t keys,
+                     sizes z, float alpha, int64_t diagonal, float *restrict pb) {
+    memset(pb, 0, sizeof(float) * z.n * z.e);
+    for (int64_t p = 0; p < keys; p++) {
+        const float *kj = kp + p * z.d, *vj = vp + p * z.e;
+        for (int64_t i = 0; i < z.n; i++) {
+            const float w =
+                p0 + p <= i + diagonal ? ta_tanh(alpha * dot(q + i * z.d, kj, z.d)) : 0.0f;
+            float *oi = pb + i * z.e;
+            int64_t c = 0;
+            for (; c + VF <= z.e; c += VF) *(vecu *)(oi + c) += w * *(const vecu *)(vj + c);
+            for (; c < z.e; c++) oi[c] += w * vj[c];
+        }
+    }
 }
 
 /* Keys [j0, j1) of one problem into ot (e x L, row stride L; column i: query i's share of
@@ -447,6 +489,16 @@ static void decode_keys(const float *q, const void *k, const void *v, int bf16, 
             const float *vp = bf16 ? widen(w.v, (const uint16_t *)v + p0 * z.e, keys * z.e)
                                    : (const float *)v + p0 * z.e;
             float *st = w.st;
+            if (z.n <= FEW) {
+                few_keys(q, kp, vp, p0, keys, z, alpha, diagonal, st);
+                for (int64_t i = 0; i < z.n; i++) {
+                    for (int64_t c = 0; c < z.e; c++) {
+                        const float x = st[i * z.e + c];
+                        sum[c * L + i] = p0 > c0 ? sum[c * L + i] + x : x;
+                    }
+                }
+                continue;
+            }
             mm((lhs){kp, z.d, 1}, qt, st, L, keys, z.d, L, 0);
             for (int64_t t = 0; t < keys * L; t++) st[t] = ta_tanh(alpha * st[t]);
             /* query i keeps key j iff j <= i + diagonal: zeros where j - diagonal > i */
@@ -470,9 +522,9 @@ int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float
 #ifndef _OPENMP
     threads = 1;
 #endif
-    /* qt, st, part, k, v, then ot */
-    const int64_t widened = bf16 ? PIECE * (d + e) : 0;
-    const int64_t each = d * L + PIECE * L + e * L + widened + e * L;
+    /* qt, st (or few_keys' rows of o), part, k, v, then ot */
+    const int64_t st_size = MAX(PIECE * L, FEW * e), widened = bf16 ? PIECE * (d + e) : 0;
+    const int64_t each = d * L + st_size + e * L + widened + e * L;
     float *scratch = malloc(sizeof(float) * each * threads);
     if (scratch == NULL) return 1;
     const int split = threads > 1 && G < threads; /* keys shared out */
@@ -489,7 +541,7 @@ int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float
             parts = omp_get_num_threads();
 #endif
             float *mine = scratch + me * each;
-            decode_scratch w = {mine, mine + d * L, mine + d * L + PIECE * L, NULL, NULL};
+            decode_scratch w = {mine, mine + d * L, mine + d * L + st_size, NULL, NULL};
             w.k = w.part + e * L, w.v = w.k + PIECE * d;
             float *ot = w.part + e * L + widened;
             const int64_t g_end = split ? g0 + 1 : G * (me + 1) / parts;

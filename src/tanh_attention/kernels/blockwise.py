@@ -27,8 +27,8 @@ call without a mask or dropout goes to the compiled kernels (``kernels/attn.c`` 
 of one batch shape, not a decoding step: ``native.MAX_KEYS_PER_QUERY``): one C call instead
 of a dozen aten calls, each of which costs microseconds before it computes, with products
 near the core's peak; such calls are never recorded as aten ops. A float32 or bfloat16
-decoding step's ``o`` (``native.DECODE_MIN_QUERIES`` to ``DECODE_MAX_QUERIES`` queries, no
-``a``) takes ``native.try_decode``, which reads the cache once, in place.
+decoding step's ``o`` (at most ``native.DECODE_MAX_QUERIES`` queries, no ``a``) takes
+``native.try_decode``, which reads the cache once, in place.
 
 Causal (both variants): each row block stops at its last row's diagonal, so blocks wholly
 above it are never visited and causal attention costs about half. That skipping changes no

@@ -41,7 +41,6 @@ from torch import Tensor
 
 __all__ = [
     "DECODE_MAX_QUERIES",
-    "DECODE_MIN_QUERIES",
     "MAX_ERROR",
     "MAX_KEYS_PER_QUERY",
     "MAX_ULP",
@@ -70,12 +69,7 @@ MAX_ERROR = 2.0**-22
 # two, 1 x 1 to 64 x 4, n = 16 to 1024, d = 16 to 128, forward 0.3-1.0x the aten path's time,
 # forward+backward 0.4-1.0x).
 MAX_KEYS_PER_QUERY = 16
-# The decoding steps try_decode serves: from DECODE_MIN_QUERIES[dtype] to DECODE_MAX_QUERIES
-# (its register panel) queries. Its products compute a whole panel of queries, so one query
-# costs as much as 16 (benchmarks/RESULTS.md, 32 x 1 x m x 128, bottom-right: in float32 it
-# is faster than the aten path from n = 2 on, in bfloat16, whose widening costs arithmetic
-# while it halves the bytes read, from n = 4 on).
-DECODE_MIN_QUERIES = {torch.float32: 2, torch.bfloat16: 4}
+# The decoding steps try_decode serves: at most this many queries (its register panel).
 DECODE_MAX_QUERIES = 16
 # Calls with at least this many multiply-adds, G * n * m * (d + e), run on torch's threads
 # (a parallel region costs a few microseconds).
@@ -236,13 +230,15 @@ def _check_attn(attn: Any, backward: Any, vector_floats: int = 8) -> str | None:
 
 def _check_decode(decode: Any) -> str | None:
     """Why this build's decoding step is wrong here (None: it is right), against float64 on
-    keys in more than one of its groups (1024 keys) and pieces (256), queries that are no
-    multiple of the register block, each kind of causal diagonal, shares of problems and of
-    keys over two threads, a float32 and a bfloat16 cache."""
+    keys in more than one of its groups (1024 keys) and pieces (256), one or two queries (a
+    dot product per score) and more (the register panel, not filled), each kind of causal
+    diagonal, shares of problems and of keys over two threads, a float32 and a bfloat16
+    cache."""
     gen = torch.Generator().manual_seed(1)
-    n, m, d, e, scale = 5, 1100, 7, 9, 0.3
-    cases = ((3, m, 1, 0), (1, m - n, 2, 1), (3, 2, 2, 1), (1, -1, 1, 0))
-    for groups, diagonal, threads, bf16 in cases:
+    m, d, e, scale = 1100, 7, 9, 0.3
+    # (problems, queries, causal diagonal, threads, bfloat16)
+    cases = ((3, 5, m, 1, 0), (1, 5, m - 5, 2, 1), (3, 2, 2, 2, 1), (1, 1, -1, 1, 0))
+    for groups, n, diagonal, threads, bf16 in (*cases, (2, 2, m - 2, 2, 0)):
         q, k, v = (
             torch.randn(groups, rows, cols, generator=gen)
             for rows, cols in ((n, d), (m, d), (m, e))
@@ -254,7 +250,7 @@ def _check_decode(decode: Any) -> str | None:
         o = torch.empty(groups, n, e)
         failed = decode(*_pointers(q, k, v, o), groups, n, m, d, e, scale, diagonal, threads, bf16)
         if failed or not (o.double() - a_ref @ v.double()).abs().max().item() <= 1e-4:
-            return f"the compiled decoding step is wrong here (causal diagonal {diagonal})"
+            return f"the compiled decoding step is wrong here ({n} queries, diagonal {diagonal})"
     return None
 
 
@@ -459,7 +455,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, decode: bool = False)
         or 0 in q_shape
         or 0 in v_shape
         or (m > MAX_KEYS_PER_QUERY * n) != decode
-        or (decode and not DECODE_MIN_QUERIES[dtype] <= n <= DECODE_MAX_QUERIES)
+        or (decode and n > DECODE_MAX_QUERIES)
     ):
         return None
     groups = q.numel() // (n * d)
@@ -581,7 +577,7 @@ def try_decode(
     widened piece by piece, every sum float32, ``o`` rounded once).
 
     Args:
-        q: ``(..., n, d)``, ``DECODE_MIN_QUERIES[q.dtype] <= n <= DECODE_MAX_QUERIES``.
+        q: ``(..., n, d)``, ``n <= DECODE_MAX_QUERIES``.
         k: ``(..., m, d)`` with ``m > MAX_KEYS_PER_QUERY * n``.  v: ``(..., m, e)``.
         scale, diagonal: as for :func:`try_attn`.
 
