@@ -140,12 +140,17 @@ def test_half_decoding_step_never_converts_the_cache_whole(
 ) -> None:
     """A half-precision decoding step whose products convert to float32 converts its keys
     and values block by block, at most ``_CONVERTED_ENTRIES`` at a time, never the whole
-    cache (which would read and write it again)."""
+    cache (which would read and write it again): on the aten path, and in the compiled
+    decoding step (bfloat16), which widens pieces of its own."""
     monkeypatch.setattr(cpu_kernels, "_half_products_speed", lambda dtype: (False, "forced"))
     limit = blockwise._CONVERTED_ENTRIES
     cache = (2, 4, 2 * limit // (4 * 64), 64)  # k and v: twice the limit each
     q = torch.randn(2, 4, 3, 64, dtype=dtype)
     k, v = torch.randn(cache, dtype=dtype), torch.randn(cache, dtype=dtype)
+    with _Allocations() as compiled:
+        _public(q, k, v, causal="bottom_right")
+    assert compiled.at_least(limit + 1) == []
+    monkeypatch.setattr(blockwise, "try_decode", lambda *args: None)  # the aten path
     with _Allocations() as step:
         _public(q, k, v, causal="bottom_right")
     assert len(step.sizes) > 10  # the mode saw the kernels

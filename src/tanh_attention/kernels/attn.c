@@ -419,8 +419,8 @@ static int backward(const float *q, const float *k, const float *v, const float 
 #define DECODE_KEYS 1024
 #define PIECE 256
 
-/* One thread's scratch for decode_keys: q^T packed, a piece's s^T (or few_keys' rows of o), a group's o^T, and a
- * bfloat16 piece's k and v widened. */
+/* One thread's scratch for decode_keys: q^T packed, a piece's s^T (or few_keys' rows of o),
+ * a group's o^T, and a bfloat16 piece's k and v widened. */
 typedef struct {
     float *qt, *st, *part, *k, *v;
 } decode_scratch;
@@ -535,18 +535,18 @@ int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float
         _Pragma("omp parallel num_threads(threads) if (threads > 1)")
 #endif
         {
-            int me = 0;
+            int me = 0, count = 1;
 #ifdef _OPENMP
-            me = omp_get_thread_num();
-            parts = omp_get_num_threads();
+            me = omp_get_thread_num(), count = omp_get_num_threads();
+            if (me == 0) parts = count;
 #endif
             float *mine = scratch + me * each;
             decode_scratch w = {mine, mine + d * L, mine + d * L + st_size, NULL, NULL};
             w.k = w.part + e * L, w.v = w.k + PIECE * d;
             float *ot = w.part + e * L + widened;
-            const int64_t g_end = split ? g0 + 1 : G * (me + 1) / parts;
-            const int64_t j0 = split ? m * me / parts : 0, j1 = split ? m * (me + 1) / parts : m;
-            for (int64_t g = split ? g0 : G * me / parts; g < g_end; g++) {
+            const int64_t g_end = split ? g0 + 1 : G * (me + 1) / count;
+            const int64_t j0 = split ? m * me / count : 0, j1 = split ? m * (me + 1) / count : m;
+            for (int64_t g = split ? g0 : G * me / count; g < g_end; g++) {
                 decode_keys(q + g * q_size, (const char *)k + g * k_size,
                             (const char *)v + g * v_size, bf16, ot, j0, j1, z, alpha, diagonal,
                             w);
