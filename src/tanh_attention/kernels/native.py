@@ -4,8 +4,10 @@ cached, loaded with ctypes; where they cannot be, the CPU kernels keep their oth
 - ``tanh.c``: the "compiled" tanh method of the CPU kernels (:func:`tanh_`, :func:`try_tanh_`);
 - ``attn.c``: the whole forward and the whole backward of a float32 call (:func:`try_attn`,
   :func:`try_attn_backward`), in one C call each: no aten op's cost per call, products near
-  the core's peak, causal blocks that stop at the diagonal. ``attn_wide.c`` builds it again
-  with vectors of 16 floats, which calls take on CPUs with AVX-512 (:func:`vector_floats`).
+  the core's peak, causal blocks that stop at the diagonal; and decoding steps, float32 or
+  bfloat16, reading the cache once, in place (:func:`try_decode`). ``attn_wide.c`` builds it
+  again with vectors of 16 floats, which calls take on CPUs with AVX-512
+  (:func:`vector_floats`).
 
 Why at run time: the package installs as pure Python (no compiler needed, one wheel for
 every machine), and the kernels are plain C functions with no PyTorch headers, so building
