@@ -17,6 +17,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 import tanh_attention
 from samples import keep_mask, reference
@@ -616,3 +617,29 @@ def test_decoding_steps_reach_it(monkeypatch: pytest.MonkeyPatch) -> None:
         served.clear()
         tanh_attention.attn(q, k, v, scale=0.3, causal="bottom_right")  # weights: not a step
         assert served == []
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("n", "causal", "served"), [(1, True, True), (3, False, True), (2, True, False)]
+)
+def test_grouped_query_decoding_steps(
+    n: int, causal: bool, served: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scaled_dot_product_attention(enable_gqa=True) of a decoding step: four query heads a
+    key/value head run as one problem of 4 n queries where nothing is masked (one query,
+    bottom-right; or no mask), else the aten path; o against float64 either way."""
+    record = _record_served(monkeypatch, "try_decode")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 8, n, 32, generator=gen).to(dtype)
+    k, v = (torch.randn(2, 2, 300, cols, generator=gen).to(dtype) for cols in (32, 24))
+    mask = causal_lower_right(n, 300) if causal else None
+    with torch.no_grad():
+        o = tanh_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert record == [served]
+    k64, v64 = (x.double().repeat_interleave(4, dim=1) for x in (k, v))
+    keep = torch.ones(n, 300, dtype=torch.bool).tril(300 - n) if causal else True
+    scores = torch.tanh(q.double() @ k64.mT / math.sqrt(32))
+    want = torch.where(torch.as_tensor(keep), scores, 0.0) @ v64
+    rtol = 1e-5 if dtype == F32 else 2**-8
+    torch.testing.assert_close(o.double(), want, rtol=rtol, atol=1e-4)

@@ -570,6 +570,20 @@ def try_attn_backward(
     return None if failed else (g_q, g_k, g_v)
 
 
+def _grouped(q: Tensor, k: Tensor, v: Tensor, diagonal: int | None) -> bool:
+    """Whether q's heads dim -3 meets k's and v's of size 1 (grouped-query attention) in a
+    call without a mask (the stacked queries' rows would shift a causal diagonal)."""
+    rank = q.dim()
+    return (
+        rank >= 3
+        and k.dim() == rank == v.dim()
+        and k.shape[-3] == 1 == v.shape[-3]
+        and q.shape[-3] > 1
+        and q.shape[:-3] == k.shape[:-3] == v.shape[:-3]
+        and (diagonal is None or diagonal >= k.shape[-2] - 1)
+    )
+
+
 def try_decode(
     q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: int | None
 ) -> Tensor | None:
@@ -578,8 +592,13 @@ def try_decode(
     and v are read once, in place (no packed or converted copy of the cache; bfloat16 is
     widened piece by piece, every sum float32, ``o`` rounded once).
 
+    Grouped-query attention (``scaled_dot_product_attention(..., enable_gqa=True)``): where k
+    and v have a batch dim of size 1 just before their rows that q has ``r`` of (``r`` query
+    heads sharing a key/value head) and nothing is masked, the ``r`` heads' queries run as
+    ``r * n`` queries of one problem, so each key/value head is read once for all of them.
+
     Args:
-        q: ``(..., n, d)``, ``n <= DECODE_MAX_QUERIES``.
+        q: ``(..., n, d)``, ``n <= DECODE_MAX_QUERIES`` (grouped: ``r * n``).
         k: ``(..., m, d)`` with ``m > MAX_KEYS_PER_QUERY * n``.  v: ``(..., m, e)``.
         scale, diagonal: as for :func:`try_attn`.
 
@@ -587,6 +606,9 @@ def try_decode(
         ``o``, ``(..., n, e)``, in memory of its own; or None, having computed nothing, for
         any call it does not serve (as :func:`try_attn`, and calls that are no such step).
     """
+    if _grouped(q, k, v, diagonal):
+        o = try_decode(q.flatten(-3, -2), k.squeeze(-3), v.squeeze(-3), scale, None)
+        return None if o is None else o.unflatten(-2, q.shape[-3:-1])
     call = _served(q, k, v, scale, decode=True)
     if call is None:
         return None
