@@ -389,7 +389,11 @@ DECODE = [
     ((2,), 3, 1030, 128, 8),
 ]
 
+# Decoding steps take the 8-float build whatever the CPU (native._served): one run each.
+ONE_BUILD = pytest.mark.parametrize("vector_floats", [8], indirect=True, ids=["vec8"])
 
+
+@ONE_BUILD
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=str)
@@ -415,6 +419,7 @@ def test_decoding_steps_match_the_reference(
     torch.testing.assert_close(o.double(), o_ref, rtol=rtol, atol=2e-6 * math.sqrt(max(d, m)))
 
 
+@ONE_BUILD
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", ["q", "k_first", "k_last", "v_first", "v_last"])
@@ -436,6 +441,7 @@ def test_decoding_steps_propagate_nonfinite_inputs(
     torch.testing.assert_close(o.double(), o_ref, equal_nan=True, rtol=1e-5, atol=1e-4)
 
 
+@ONE_BUILD
 def test_decoding_sums_are_as_accurate_as_the_composite() -> None:
     """o sums over a long cache (16384 keys, in chunks added in turn) err no more than the
     composite's float32 products do against float64."""
@@ -604,6 +610,7 @@ def test_avx512_takes_the_wide_build_above_16_features(monkeypatch: pytest.Monke
         assert call is not None and call.kernels is kernels
 
 
+@ONE_BUILD
 def test_decoding_steps_reach_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """tanh_attention.attn of a float32 decoding step in inference, without weights
     (bottom-right causal, a cache of 32 keys a query): o by the compiled decoding step."""
@@ -619,6 +626,7 @@ def test_decoding_steps_reach_it(monkeypatch: pytest.MonkeyPatch) -> None:
         assert served == []
 
 
+@ONE_BUILD
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     ("n", "causal", "served"), [(1, True, True), (3, False, True), (2, True, False)]

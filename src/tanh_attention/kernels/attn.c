@@ -478,7 +478,7 @@ TA_CLONES
 static void decode_keys(const float *q, const void *k, const void *v, int bf16, float *ot,
                         int64_t j0, int64_t j1, sizes z, float alpha, int64_t diagonal,
                         decode_scratch w) {
-    const packed qt = panels(w.qt, q, z.d, z.d, z.n, 1);
+    const packed qt = z.n <= FEW ? (packed){0} : panels(w.qt, q, z.d, z.d, z.n, 1);
     if (j0 >= j1) memset(ot, 0, sizeof(float) * z.e * L); /* (a thread's share of no keys) */
     for (int64_t c0 = j0; c0 < j1; c0 += DECODE_KEYS) {
         float *sum = c0 == j0 ? ot : w.part;

@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -427,6 +428,22 @@ class _Call(NamedTuple):
     e: int
     threads: int
 
+    def run(
+        self,
+        function: Any,
+        pointers: Sequence[int | None],
+        scale: float,
+        diagonal: int | None,
+        *rest: int,
+    ) -> bool:
+        """``function`` (one of ``self.kernels``) on the tensors at ``pointers``, with attn.c's
+        trailing arguments (the sizes, the scale, the causal diagonal: None keeps every
+        entry, the threads, then ``rest``): whether it failed."""
+        m = self.m
+        diagonal = m if diagonal is None else diagonal
+        sizes = self.groups, self.n, m, self.d, self.e
+        return bool(function(*pointers, *sizes, scale, diagonal, self.threads, *rest))
+
 
 def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, decode: bool = False) -> _Call | None:
     """The call, where attn.c serves it (see :func:`try_attn`; with ``decode``,
@@ -502,21 +519,9 @@ def try_attn(
     # the smallest calls)
     o = q.new_empty(*batch, n, call.e)
     a = q.new_empty(*batch, n, m) if need_weights else None
-    failed = call.kernels.attn(
-        q.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        o.data_ptr(),
-        None if a is None else a.data_ptr(),
-        call.groups,
-        n,
-        m,
-        call.d,
-        call.e,
-        scale,
-        m if diagonal is None else diagonal,
-        call.threads,
-    )
+    a_at = None if a is None else a.data_ptr()
+    pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), a_at)
+    failed = call.run(call.kernels.attn, pointers, scale, diagonal)
     return None if failed else (o, a)
 
 
@@ -556,17 +561,8 @@ def try_attn_backward(
         given.append(t)
     grad_o, grad_a, a = given
     g_q, g_k, g_v = (torch.empty_like(t) for t in (q, k, v))
-    failed = call.kernels.backward(
-        *_pointers(q, k, v, a, grad_o, grad_a, g_q, g_k, g_v),
-        call.groups,
-        n,
-        m,
-        call.d,
-        e,
-        scale,
-        m if diagonal is None else diagonal,
-        call.threads,
-    )
+    pointers = _pointers(q, k, v, a, grad_o, grad_a, g_q, g_k, g_v)
+    failed = call.run(call.kernels.backward, pointers, scale, diagonal)
     return None if failed else (g_q, g_k, g_v)
 
 
@@ -612,20 +608,8 @@ def try_decode(
     call = _served(q, k, v, scale, decode=True)
     if call is None:
         return None
-    n, m = call.n, call.m
     bf16 = q.dtype is torch.bfloat16
     q = q.float()  # (n x d: small)
-    o = q.new_empty(*call.batch, n, call.e)
-    failed = call.kernels.decode(
-        *_pointers(q, k, v, o),
-        call.groups,
-        n,
-        m,
-        call.d,
-        call.e,
-        scale,
-        m if diagonal is None else diagonal,
-        call.threads,
-        bf16,
-    )
+    o = q.new_empty(*call.batch, call.n, call.e)
+    failed = call.run(call.kernels.decode, _pointers(q, k, v, o), scale, diagonal, bf16)
     return None if failed else o.to(k.dtype)
