@@ -60,6 +60,7 @@
 
 typedef float vec __attribute__((vector_size(4 * VF)));
 typedef float vecu __attribute__((vector_size(4 * VF), aligned(4))); /* unaligned access */
+typedef uint32_t bits __attribute__((vector_size(4 * VF)));
 
 /* A right operand of mm, packed: panels of L columns, entry (p, j) at
  * at[(j / L) * depth * L + p * L + j % L], zero past its columns (made by `panels` below). */
@@ -72,11 +73,32 @@ typedef struct {
 #define MIN(x, y) ((x) < (y) ? (x) : (y))
 
 /* A left operand of mm: entry (r, p) at at[r * ld + p * step] (rows of a matrix: step 1; a
- * transposed one, read in place: ld 1). */
+ * transposed one, read in place: ld 1), float32 (or for mm_cache, bfloat16). */
 typedef struct {
-    const float *at;
+    const void *at;
     int64_t ld, step;
 } lhs;
+
+/* bf16_entry's mask, as an array: a mask the compiler sees is uniform it applies to the
+ * scalar before broadcasting it (a load, an AND, a move to a vector register and a
+ * broadcast: a decoding step ran 30% slower than with the cache widened into a buffer). */
+static const uint32_t HIGH_HALF[16] __attribute__((aligned(64))) = {
+    0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u,
+    0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u,
+    0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u};
+
+/* The bfloat16 entry at x in every lane, as float32 (a bfloat16 is the top half of a
+ * float32): the 4 bytes from x - 1 broadcast, their low half cleared (AND `high`,
+ * HIGH_HALF); integers throughout, so that no bits change on the way (as a float32, times 1,
+ * an infinity with x[-1] below it would be a NaN, and come out quieted: a NaN). A load and
+ * an AND, which leave the FMA pipes to the products (a shift, as the aligned pair's lower
+ * entry needs, shares one: 66 against 95 GFLOP/s). x[-1] must be readable: no caller
+ * passes a tensor's first entry. */
+static inline __attribute__((always_inline)) vec bf16_entry(const uint16_t *x, bits high) {
+    uint32_t pair;
+    memcpy(&pair, x - 1, sizeof pair);
+    return (vec)(((bits){0} + pair) & high);
+}
 
 /* A strided left operand read once is prefetched this many steps ahead (see mm). */
 #define AHEAD 16
@@ -85,30 +107,40 @@ typedef struct {
  * the others' place; entry p at x[p * step]) by one panel, into out (row stride ldc, `width`
  * columns; with `add`, added to what out holds). Constants where it is inlined: H, the rows
  * computed (R, or 4 for a last block of at most 4 rows: n = 16 or 64 is 6 + 6 + 4 rows, and
- * two more would be an eighth more arithmetic), T, whether step may differ from 1, and A,
- * whether to prefetch what comes next: AHEAD steps ahead where strided, else the R rows from
- * `next` on (contiguous). */
+ * two more would be an eighth more arithmetic), T, whether step may differ from 1, B,
+ * whether the rows are bfloat16, and A, what to prefetch (see mm): 0 nothing, 1 what comes
+ * next (AHEAD steps ahead where strided, else the R rows from `next` on, contiguous), 2 the
+ * line at pf + p * pfs bytes at step p. */
 static inline __attribute__((always_inline)) void block(
-    const float *x0, const float *x1, const float *x2, const float *x3, const float *x4,
-    const float *x5, int64_t step, const float *next, const float *restrict panel,
-    int64_t inner, float *restrict out, int64_t ldc, int64_t height, int64_t width, int add,
-    const int H, const int T, const int A) {
-    const int64_t s = T ? step : 1;
+    const void *x0, const void *x1, const void *x2, const void *x3, const void *x4,
+    const void *x5, int64_t step, const char *next, const char *pf, int64_t pfs,
+    const float *restrict panel, int64_t inner, float *restrict out, int64_t ldc, int64_t height,
+    int64_t width, int add, const int H, const int T, const int B, const int A) {
+    const int64_t s = T ? step : 1, size = B ? 2 : 4;
+    const bits high = B ? *(const volatile bits *)HIGH_HALF : (bits){0};
     vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
     vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+#define ROW(x, c0, c1)                                                                       \
+    if (B) {                                                                                 \
+        const vec b = bf16_entry((const uint16_t *)(x) + p * s, high);                       \
+        c0 += b * y0, c1 += b * y1;                                                          \
+    } else {                                                                                 \
+        const float b = ((const float *)(x))[p * s];                                         \
+        c0 += b * y0, c1 += b * y1;                                                          \
+    }
     for (int64_t p = 0; p < inner; p++) {
-        if (A) __builtin_prefetch(T ? x0 + (p + AHEAD) * s : next + p * R);
+        if (A == 1)
+            __builtin_prefetch(T ? (const char *)x0 + (p + AHEAD) * s * size
+                                 : next + p * R * size);
+        if (A == 2) __builtin_prefetch(pf + p * pfs);
         const vec y0 = *(const vecu *)(panel + p * L);
         const vec y1 = *(const vecu *)(panel + p * L + VF);
-        c00 += x0[p * s] * y0, c01 += x0[p * s] * y1;
-        c10 += x1[p * s] * y0, c11 += x1[p * s] * y1;
-        c20 += x2[p * s] * y0, c21 += x2[p * s] * y1;
-        c30 += x3[p * s] * y0, c31 += x3[p * s] * y1;
+        ROW(x0, c00, c01) ROW(x1, c10, c11) ROW(x2, c20, c21) ROW(x3, c30, c31)
         if (H > 4) {
-            c40 += x4[p * s] * y0, c41 += x4[p * s] * y1;
-            c50 += x5[p * s] * y0, c51 += x5[p * s] * y1;
+            ROW(x4, c40, c41) ROW(x5, c50, c51)
         }
     }
+#undef ROW
     if (height == H && height == R && width == L) {
 #define STORE(x0, x1)                                                                        \
     if (add) x0 += *(const vecu *)out, x1 += *(const vecu *)(out + VF);                     \
@@ -143,49 +175,72 @@ static inline __attribute__((always_inline)) void block(
  * sums (1 x 1 x 4096 x 64 forward, o against float64: 4.8e-4 against 6.5e-5). */
 #define CHUNK 256
 
-/* c = x @ y (with `add`, c += x @ y): x (rows, inner >= 1); y (inner <= y.depth, cols) packed;
- * c (rows, cols) with row stride ldc; any rows and cols, and no copies of the operands for
- * padding. */
-TA_CLONES
-static void mm(lhs x, packed y, float *restrict c, int64_t ldc, int64_t rows, int64_t inner,
-               int64_t cols, int add) {
-    const int64_t ld = x.ld, step = x.step;
+/* c = x @ y (with `add`, c += x @ y): x (rows, inner >= 1; with B, bfloat16); y (inner <=
+ * y.depth, cols) packed; c (rows, cols) with row stride ldc; any rows and cols, and no
+ * copies of the operands for padding. (The body of mm and mm_cache.) */
+static inline __attribute__((always_inline)) void products(lhs x, packed y, float *restrict c,
+                                                          int64_t ldc, int64_t rows,
+                                                          int64_t inner, int64_t cols, int add,
+                                                          const char *stream,
+                                                          int64_t stream_bytes, const int B) {
+    const int64_t ld = x.ld, step = x.step, size = B ? 2 : 4;
     /* With one panel, each entry of x is read once, from memory (a decoding step's k and v):
      * prefetched, as the hardware does not for its short rows, that step ran 35% faster.
      * With more panels x's rows stay in L1 while they pass, and prefetching slowed the
      * backward's strided products (1 x 1 x 1024 x 64: 8.4 ms, 9.1-9.9 prefetched). Rows in
-     * place are prefetched where the next block's follow these (ld == inner). */
-    const int ahead = cols <= L && (step != 1 || ld == inner);
+     * place are prefetched where the next block's follow these (ld == inner), a strided
+     * operand AHEAD steps ahead; or mm_cache's stream, per_step bytes a step. */
+    const int ahead = cols > L ? 0 : stream ? 2 : step != 1 || ld == inner; /* (block's A) */
+    const int64_t blocks = (rows + R - 1) / R;
+    const int64_t per_step =
+        stream ? (stream_bytes + blocks * inner - 1) / (blocks * inner) : 0;
     for (int64_t p0 = 0; p0 < inner; p0 += CHUNK) {
         const int64_t depth = MIN(CHUNK, inner - p0);
         const int sum = add || p0 > 0;
         for (int64_t i0 = 0; i0 < rows; i0 += R) {
             const int64_t height = MIN(R, rows - i0);
-            const float *x0 = x.at + i0 * ld + p0 * step, *x1 = x0 + MIN(1, height - 1) * ld;
-            const float *x2 = x0 + MIN(2, height - 1) * ld, *x3 = x0 + MIN(3, height - 1) * ld;
-            const float *x4 = x0 + MIN(4, height - 1) * ld, *x5 = x0 + MIN(5, height - 1) * ld;
+            /* (addresses in bytes: the rows may be bfloat16) */
+            const char *x0 = (const char *)x.at + (i0 * ld + p0 * step) * size;
+            const char *x1 = x0 + MIN(1, height - 1) * ld * size;
+            const char *x2 = x0 + MIN(2, height - 1) * ld * size;
+            const char *x3 = x0 + MIN(3, height - 1) * ld * size;
+            const char *x4 = x0 + MIN(4, height - 1) * ld * size;
+            const char *x5 = x0 + MIN(5, height - 1) * ld * size;
             for (int64_t j0 = 0; j0 < cols; j0 += L) {
                 const float *panel = y.at + j0 * y.depth + p0 * L;
                 float *out = c + i0 * ldc + j0;
                 const int64_t w = MIN(L, cols - j0);
-                const float *next = x0 + R * ld;
-#define BLOCK(H, T, A) \
-    block(x0, x1, x2, x3, x4, x5, step, next, panel, depth, out, ldc, height, w, sum, H, T, A)
-#define BLOCKS(T, A)                               \
-    {                                              \
-        if (height > 4) BLOCK(R, T, A);            \
-        else BLOCK(4, T, A);                       \
+                const char *next = x0 + R * ld * size;
+                /* (the stream's address only where it is prefetched: computed for every
+                 * block, its registers slowed the backward's strided products 5%) */
+#define BLOCK(H, T, A)                                                                         \
+    block(x0, x1, x2, x3, x4, x5, step, next,                                                  \
+          A == 2 ? stream + (p0 * blocks + i0 / R * depth) * per_step : NULL, per_step, panel,   \
+          depth, out, ldc, height, w, sum, H, T, B, A)
+#define BLOCKS(T, A)                                                                           \
+    {                                                                                          \
+        if (height > 4) BLOCK(R, T, A);                                                        \
+        else BLOCK(4, T, A);                                                                   \
     }
-                if (step == 1) {
-                    if (ahead) BLOCKS(0, 1) else BLOCKS(0, 0)
-                } else {
-                    if (ahead) BLOCKS(1, 1) else BLOCKS(1, 0)
-                }
+#define PREFETCHING(T)                                                                         \
+    {                                                                                          \
+        if (ahead == 2) BLOCKS(T, 2)                                                           \
+        else if (ahead || B) BLOCKS(T, 1) /* (B: a decoding step's cache, one panel) */       \
+        else BLOCKS(T, 0)                                                                      \
+    }
+                if (step == 1) PREFETCHING(0) else PREFETCHING(1)
+#undef PREFETCHING
 #undef BLOCKS
 #undef BLOCK
             }
         }
     }
+}
+
+TA_CLONES
+static void mm(lhs x, packed y, float *restrict c, int64_t ldc, int64_t rows, int64_t inner,
+               int64_t cols, int add) {
+    products(x, y, c, ldc, rows, inner, cols, add, NULL, 0, 0);
 }
 
 /* The size in floats of a packed operand of depth inner and cols columns. */
@@ -413,14 +468,14 @@ static int backward(const float *q, const float *k, const float *v, const float 
  * rows for one query. Here the products run transposed, so that k and v are read in place,
  * once, a piece of keys at a time: s^T = k q^T (rows: keys; q^T is one packed panel),
  * a^T = M * tanh(alpha s^T), then o^T += v^T a^T (v^T read in place). A bfloat16 cache is
- * read as it is, each piece widened to float32 in a buffer that stays in L2 (the cache is
- * read once, at half the bytes; every sum is float32). The pieces' sums are added up in
- * groups of DECODE_KEYS keys, and the groups' sums in turn. */
+ * read as it is, each entry widened to float32 as the products broadcast it (bf16_entry:
+ * the cache is read once, at half the bytes; every sum is float32). The pieces' sums are
+ * added up in groups of DECODE_KEYS keys, and the groups' sums in turn. */
 #define DECODE_KEYS 1024
 #define PIECE 256
 
 /* One thread's scratch for decode_keys: q^T packed, a piece's s^T (or few_keys' rows of o),
- * a group's o^T, and a bfloat16 piece's k and v widened. */
+ * a group's o^T, and a bfloat16 piece's k and v widened (where it is not read in place). */
 typedef struct {
     float *qt, *st, *part, *k, *v;
 } decode_scratch;
@@ -472,22 +527,41 @@ static void few_keys(const float *q, const float *kp, const float *vp, int64_t p
     }
 }
 
-/* Keys [j0, j1) of one problem into ot (e x L, row stride L; column i: query i's share of
- * o, past n: meaningless); k and v float32, or with `bf16`, bfloat16. */
+/* mm of a decoding step's cache (x: a piece of k or v, read once, float32 or with `bf16`
+ * bfloat16: see bf16_entry), prefetching stream_bytes from `stream` (or NULL) while it
+ * runs, spread over its steps in place of x's next rows: the piece read next (x's own
+ * rows, prefetched as they are read, came too late from memory). A function of its own:
+ * with these inside mm, the compiler laid out the others' loops anew, and the backward ran
+ * 3-5% slower. */
 TA_CLONES
-static void decode_keys(const float *q, const void *k, const void *v, int bf16, float *ot,
-                        int64_t j0, int64_t j1, sizes z, float alpha, int64_t diagonal,
-                        decode_scratch w) {
+static void mm_cache(lhs x, int bf16, const char *stream, int64_t stream_bytes, packed y,
+                     float *restrict c, int64_t ldc, int64_t rows, int64_t inner, int64_t cols,
+                     int add) {
+    if (bf16) products(x, y, c, ldc, rows, inner, cols, add, stream, stream_bytes, 1);
+    else products(x, y, c, ldc, rows, inner, cols, add, stream, stream_bytes, 0);
+}
+
+/* Keys [j0, j1) of one problem into ot (e x L, row stride L; column i: query i's share of
+ * o, past n: meaningless); k and v float32, or with `bf16`, bfloat16, read in place, but
+ * for few_keys and where k and v begin their tensors (`first`: the piece's first entry has
+ * nothing before it for bf16_entry to read): those pieces are widened into w.k and w.v. */
+TA_CLONES
+static void decode_keys(const float *q, const void *k, const void *v, int bf16, int first,
+                        float *ot, int64_t j0, int64_t j1, sizes z, float alpha,
+                        int64_t diagonal, decode_scratch w) {
+    const int64_t size = bf16 ? 2 : 4;
     const packed qt = z.n <= FEW ? (packed){0} : panels(w.qt, q, z.d, z.d, z.n, 1);
     if (j0 >= j1) memset(ot, 0, sizeof(float) * z.e * L); /* (a thread's share of no keys) */
     for (int64_t c0 = j0; c0 < j1; c0 += DECODE_KEYS) {
         float *sum = c0 == j0 ? ot : w.part;
         for (int64_t p0 = c0; p0 < MIN(c0 + DECODE_KEYS, j1); p0 += PIECE) {
             const int64_t keys = MIN(PIECE, j1 - p0);
-            const float *kp = bf16 ? widen(w.k, (const uint16_t *)k + p0 * z.d, keys * z.d)
-                                   : (const float *)k + p0 * z.d;
-            const float *vp = bf16 ? widen(w.v, (const uint16_t *)v + p0 * z.e, keys * z.e)
-                                   : (const float *)v + p0 * z.e;
+            const char *kb = (const char *)k + p0 * z.d * size;
+            const char *vb = (const char *)v + p0 * z.e * size;
+            const int in_place = bf16 && z.n > FEW && !(first && p0 == 0);
+            const int wide = bf16 && !in_place;
+            const void *kp = wide ? widen(w.k, (const uint16_t *)kb, keys * z.d) : (const void *)kb;
+            const void *vp = wide ? widen(w.v, (const uint16_t *)vb, keys * z.e) : (const void *)vb;
             float *st = w.st;
             if (z.n <= FEW) {
                 few_keys(q, kp, vp, p0, keys, z, alpha, diagonal, st);
@@ -499,12 +573,16 @@ static void decode_keys(const float *q, const void *k, const void *v, int bf16, 
                 }
                 continue;
             }
-            mm((lhs){kp, z.d, 1}, qt, st, L, keys, z.d, L, 0);
+            /* (while k's products run, v's piece is prefetched, and while v's run, k's next) */
+            const int64_t next = MIN(PIECE, j1 - p0 - keys);
+            mm_cache((lhs){kp, z.d, 1}, in_place, wide ? NULL : vb, keys * z.e * size, qt, st, L,
+                     keys, z.d, L, 0);
             for (int64_t t = 0; t < keys * L; t++) st[t] = ta_tanh(alpha * st[t]);
             /* query i keeps key j iff j <= i + diagonal: zeros where j - diagonal > i */
             for (int64_t p = MAX(0, diagonal + 1 - p0); p < keys; p++)
                 for (int64_t i = 0; i < MIN(z.n, p0 + p - diagonal); i++) st[p * L + i] = 0.0f;
-            mm((lhs){vp, 1, z.e}, (packed){st, keys}, sum, L, z.e, keys, L, p0 > c0);
+            mm_cache((lhs){vp, 1, z.e}, in_place, wide || next == 0 ? NULL : kb + keys * z.d * size,
+                     next * z.d * size, (packed){st, keys}, sum, L, z.e, keys, L, p0 > c0);
         }
         for (int64_t t = 0; c0 > j0 && t < z.e * L; t++) ot[t] += w.part[t];
     }
@@ -548,8 +626,8 @@ int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float
             const int64_t j0 = split ? m * me / count : 0, j1 = split ? m * (me + 1) / count : m;
             for (int64_t g = split ? g0 : G * me / count; g < g_end; g++) {
                 decode_keys(q + g * q_size, (const char *)k + g * k_size,
-                            (const char *)v + g * v_size, bf16, ot, j0, j1, z, alpha, diagonal,
-                            w);
+                            (const char *)v + g * v_size, bf16, g == 0, ot, j0, j1, z, alpha,
+                            diagonal, w);
                 for (int64_t i = 0; !split && i < n; i++)
                     for (int64_t c = 0; c < e; c++) o[(g * n + i) * e + c] = ot[c * L + i];
             }
