@@ -110,7 +110,7 @@ static inline __attribute__((always_inline)) vec bf16_entry(const uint16_t *x, b
  * two more would be an eighth more arithmetic), T, whether step may differ from 1, B,
  * whether the rows are bfloat16, and A, what to prefetch (see mm): 0 nothing, 1 what comes
  * next (AHEAD steps ahead where strided, else the R rows from `next` on, contiguous), 2 the
- * line at pf + p * pfs bytes at step p. */
+ * line at pf + p * pfs bytes at step p (and where strided, what 1 does). */
 static inline __attribute__((always_inline)) void block(
     const void *x0, const void *x1, const void *x2, const void *x3, const void *x4,
     const void *x5, int64_t step, const char *next, const char *pf, int64_t pfs,
@@ -132,7 +132,11 @@ static inline __attribute__((always_inline)) void block(
         if (A == 1)
             __builtin_prefetch(T ? (const char *)x0 + (p + AHEAD) * s * size
                                  : next + p * R * size);
-        if (A == 2) __builtin_prefetch(pf + p * pfs);
+        if (A == 2) {
+            __builtin_prefetch(pf + p * pfs);
+            /* (a strided operand's own lines as well: 2% faster, from L2) */
+            if (T) __builtin_prefetch((const char *)x0 + (p + AHEAD) * s * size);
+        }
         const vec y0 = *(const vecu *)(panel + p * L);
         const vec y1 = *(const vecu *)(panel + p * L + VF);
         ROW(x0, c00, c01) ROW(x1, c10, c11) ROW(x2, c20, c21) ROW(x3, c30, c31)
