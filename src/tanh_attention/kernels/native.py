@@ -585,8 +585,8 @@ def try_decode(
 ) -> Tensor | None:
     """``o`` of a float32 or bfloat16 decoding step by ``attn.c``: :func:`try_attn`'s forward
     without ``a``, for the calls it declines as decoding steps, computed transposed so that k
-    and v are read once, in place (no packed or converted copy of the cache; bfloat16 is
-    widened piece by piece, every sum float32, ``o`` rounded once).
+    and v are read once, in place (no packed or converted copy of the cache; a bfloat16
+    entry is widened as the products read it, every sum float32, ``o`` rounded once).
 
     Grouped-query attention (``scaled_dot_product_attention(..., enable_gqa=True)``): where k
     and v have a batch dim of size 1 just before their rows that q has ``r`` of (``r`` query
