@@ -215,8 +215,7 @@ static inline __attribute__((always_inline)) void products(lhs x, packed y, floa
                 float *out = c + i0 * ldc + j0;
                 const int64_t w = MIN(L, cols - j0);
                 const char *next = x0 + R * ld * size;
-                /* (the stream's address only where it is prefetched: computed for every
-                 * block, its registers slowed the backward's strided products 5%) */
+                /* (the stream's address: computed only where it is prefetched) */
 #define BLOCK(H, T, A)                                                                         \
     block(x0, x1, x2, x3, x4, x5, step, next,                                                  \
           A == 2 ? stream + (p0 * blocks + i0 / R * depth) * per_step : NULL, per_step, panel,   \
@@ -229,7 +228,7 @@ static inline __attribute__((always_inline)) void products(lhs x, packed y, floa
 #define PREFETCHING(T)                                                                         \
     {                                                                                          \
         if (ahead == 2) BLOCKS(T, 2)                                                           \
-        else if (ahead || B) BLOCKS(T, 1) /* (B: a decoding step's cache, one panel) */       \
+        else if (ahead) BLOCKS(T, 1)                                                           \
         else BLOCKS(T, 0)                                                                      \
     }
                 if (step == 1) PREFETCHING(0) else PREFETCHING(1)
@@ -534,9 +533,8 @@ static void few_keys(const float *q, const float *kp, const float *vp, int64_t p
 /* mm of a decoding step's cache (x: a piece of k or v, read once, float32 or with `bf16`
  * bfloat16: see bf16_entry), prefetching stream_bytes from `stream` (or NULL) while it
  * runs, spread over its steps in place of x's next rows: the piece read next (x's own
- * rows, prefetched as they are read, came too late from memory). A function of its own:
- * with these inside mm, the compiler laid out the others' loops anew, and the backward ran
- * 3-5% slower. */
+ * rows, prefetched as they are read, came too late from memory). A function of its own,
+ * so that mm's code for the forward and backward stays as it was. */
 TA_CLONES
 static void mm_cache(lhs x, int bf16, const char *stream, int64_t stream_bytes, packed y,
                      float *restrict c, int64_t ldc, int64_t rows, int64_t inner, int64_t cols,
