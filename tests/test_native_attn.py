@@ -465,7 +465,7 @@ def test_decoding_steps_read_a_bfloat16_cache_at_any_address(offset: int) -> Non
 
 
 _GUARDED = """
-import ctypes, math, mmap, sys
+import ctypes, mmap, sys
 import torch
 from tanh_attention.kernels import native
 
@@ -488,7 +488,8 @@ def guarded(like):
 torch.set_num_threads(int(sys.argv[1]))
 gen = torch.Generator().manual_seed(13)
 q = torch.randn(1, 4, 64, generator=gen).bfloat16()
-k, v = (guarded(torch.randn(1, 2000, 64, generator=gen).bfloat16()) for _ in range(2))
+k, v = (guarded(torch.randn(1, 2100, 64, generator=gen).bfloat16()) for _ in range(2))
+assert native.PARALLEL_MIN <= 4 * 2100 * 128  # (with two threads, they share the keys)
 o = native.try_decode(q, k, v, 0.125, None)
 assert o is not None, "declined"
 exact = torch.tanh(q.double() @ k.double().mT * 0.125) @ v.double()
