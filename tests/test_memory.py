@@ -141,7 +141,7 @@ def test_half_decoding_step_never_converts_the_cache_whole(
     """A half-precision decoding step whose products convert to float32 converts its keys
     and values block by block, at most ``_CONVERTED_ENTRIES`` at a time, never the whole
     cache (which would read and write it again): on the aten path, and in the compiled
-    decoding step (bfloat16), which widens pieces of its own."""
+    decoding step (bfloat16), which reads the cache in place (and widens at most a piece)."""
     monkeypatch.setattr(cpu_kernels, "_half_products_speed", lambda dtype: (False, "forced"))
     limit = blockwise._CONVERTED_ENTRIES
     cache = (2, 4, 2 * limit // (4 * 64), 64)  # k and v: twice the limit each
