@@ -143,6 +143,8 @@ def test_half_decoding_step_never_converts_the_cache_whole(
     cache (which would read and write it again): on the aten path, and in the compiled
     decoding step (bfloat16), which reads the cache in place (and widens at most a piece)."""
     monkeypatch.setattr(cpu_kernels, "_half_products_speed", lambda dtype: (False, "forced"))
+    # (and no bfloat16 blocks: a CPU that multiplies bfloat16 natively keeps them so)
+    monkeypatch.setattr(blockwise, "method_name", lambda *args: "torch")
     limit = blockwise._CONVERTED_ENTRIES
     cache = (2, 4, 2 * limit // (4 * 64), 64)  # k and v: twice the limit each
     q = torch.randn(2, 4, 3, 64, dtype=dtype)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 import tanh_attention
-from samples import keep_mask, reference
+from samples import keep_mask, o_atol, reference
 from tanh_attention.formulas import causal_diagonal
 from tanh_attention.kernels import blockwise, native
 
@@ -721,4 +721,7 @@ def test_grouped_query_decoding_steps(
     scores = torch.tanh(q.double() @ k64.mT / math.sqrt(32))
     want = torch.where(torch.as_tensor(keep), scores, 0.0) @ v64
     rtol = 1e-5 if dtype == F32 else 2**-8
-    torch.testing.assert_close(o.double(), want, rtol=rtol, atol=1e-4)
+    # (the compiled step sums float32 weights; the aten path may round them: o_atol)
+    k_all, v_all = (x.repeat_interleave(4, dim=1) for x in (k, v))
+    atol = 1e-4 if served else o_atol(dtype, 1e-4, q, k_all, v_all, 32**-0.5, attn_mask=torch.as_tensor(keep))
+    torch.testing.assert_close(o.double(), want, rtol=rtol, atol=atol)
