@@ -31,7 +31,7 @@ from torch.autograd import forward_ad as fwAD
 import tanh_attention
 from samples import keep_mask, reference
 from tanh_attention import ops
-from tanh_attention.kernels import blockwise, native
+from tanh_attention.kernels import blocks, blockwise, native
 from tanh_attention.kernels import cpu as cpu_kernels
 
 F64 = torch.float64
@@ -1313,3 +1313,28 @@ def test_small_calls_past_the_graph_limit_take_the_function(
 
     assert torch.autograd.gradcheck(f, (q, k, v))
     assert torch.autograd.gradgradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "transposed", "transposed slice"])
+def test_add_product_of_half_blocks_sums_in_float32(layout: str, first: bool) -> None:
+    """blocks.add_product_ with a float32 accumulator and bfloat16 blocks, the left operand
+    held as rows, transposed, or as a transposed block of a larger matrix (how the backward
+    reads the saved weights: g_v += a^T @ g_o), against float64 of the same values: off by
+    at most the rounding of the block's product to bfloat16."""
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(2, 40, 50, generator=gen).to(torch.bfloat16)
+    x = {
+        "rows": big[:, :13, :7],
+        "transposed": big[:, :7, :13].contiguous().mT,
+        "transposed slice": big[:, 5:12, 9:22].mT,
+    }[layout]
+    y = torch.randn(2, 7, 5, generator=gen).to(torch.bfloat16)
+    acc = torch.randn(2, 13, 5, generator=gen)
+    product = 0.5 * (x.double() @ y.double())
+    want = (0.0 if first else acc.double()) + product
+    got = blocks.add_product_(acc, x, y, 0.5, first=first)
+    assert got is acc
+    # (each block's product is rounded to bfloat16 once, then added in float32)
+    error = (acc.double() - want).abs()
+    assert (error <= 2**-8 * product.abs() + 1e-6).all(), error.max()
