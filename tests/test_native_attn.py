@@ -486,10 +486,12 @@ def guarded(like):
     return torch.frombuffer(raw, dtype=like.dtype).view_as(like).copy_(like)
 
 torch.set_num_threads(int(sys.argv[1]))
+n = int(sys.argv[2])
 gen = torch.Generator().manual_seed(13)
-q = torch.randn(1, 4, 64, generator=gen).bfloat16()
-k, v = (guarded(torch.randn(1, 2100, 64, generator=gen).bfloat16()) for _ in range(2))
-assert native.PARALLEL_MIN <= 4 * 2100 * 128  # (with two threads, they share the keys)
+q = torch.randn(1, n, 64, generator=gen).bfloat16()
+m = 8400 // n
+k, v = (guarded(torch.randn(1, m, 64, generator=gen).bfloat16()) for _ in range(2))
+assert native.PARALLEL_MIN <= n * m * 128  # (with two threads, they share the keys)
 o = native.try_decode(q, k, v, 0.125, None)
 assert o is not None, "declined"
 exact = torch.tanh(q.double() @ k.double().mT * 0.125) @ v.double()
@@ -500,14 +502,14 @@ print((o.double() - exact).abs().max().item() / exact.abs().max().item())
 @ONE_BUILD
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps memory with libc's mmap")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decoding_steps_read_nothing_before_a_bfloat16_cache(threads: int) -> None:
+@pytest.mark.parametrize("n", [1, 4])
+def test_decoding_steps_read_nothing_before_a_bfloat16_cache(n: int, threads: int) -> None:
     """A bfloat16 cache that begins a page after one that cannot be read: the step reads
     none of it (bf16_entry reads 2 bytes before each entry, so a tensor's first piece is
-    widened instead), one thread or two sharing the keys. In a process of its own: a read
-    there is a segmentation fault."""
-    done = subprocess.run(
-        [sys.executable, "-c", _GUARDED, str(threads)], capture_output=True, text=True, timeout=120
-    )
+    widened for the products; few_keys, n = 1, reads each entry alone), one thread or two
+    sharing the keys. In a process of its own: a read there is a segmentation fault."""
+    command = [sys.executable, "-c", _GUARDED, str(threads), str(n)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-2000:]}"
     assert float(done.stdout.split()[-1]) < 2**-8
 

@@ -495,39 +495,69 @@ static const float *widen(float *buf, const uint16_t *x, int64_t count) {
  * with n (n = 1, 2, 3: 13.4, 16.1, 18.8 ms). */
 #define FEW 2
 
-/* x . y over d floats (vectorized over d; a short sum: in any order). */
-static inline float dot(const float *x, const float *y, int64_t d) {
+/* VF entries from x, float32 or with B, bfloat16 (each the top half of its float32). */
+typedef uint16_t halves __attribute__((vector_size(2 * VF)));
+static inline __attribute__((always_inline)) vec load_row(const void *x, int64_t at, const int B) {
+    if (!B) return *(const vecu *)((const float *)x + at);
+    halves h;
+    memcpy(&h, (const uint16_t *)x + at, sizeof h);
+    return (vec)(__builtin_convertvector(h, bits) << 16);
+}
+
+/* Entry `at` of x, float32 or with B, bfloat16. */
+static inline __attribute__((always_inline)) float load_one(const void *x, int64_t at,
+                                                            const int B) {
+    if (!B) return ((const float *)x)[at];
+    const uint32_t word = (uint32_t)((const uint16_t *)x)[at] << 16;
+    float f;
+    memcpy(&f, &word, sizeof f);
+    return f;
+}
+
+/* x . y over d entries, x float32 and y float32 or with B bfloat16 (vectorized over d; a
+ * short sum: in any order). */
+static inline __attribute__((always_inline)) float dot(const float *x, const void *y, int64_t d,
+                                                       const int B) {
     vec s0 = {0}, s1 = {0};
     int64_t p = 0;
     for (; p + 2 * VF <= d; p += 2 * VF) {
-        s0 += *(const vecu *)(x + p) * *(const vecu *)(y + p);
-        s1 += *(const vecu *)(x + p + VF) * *(const vecu *)(y + p + VF);
+        s0 += *(const vecu *)(x + p) * load_row(y, p, B);
+        s1 += *(const vecu *)(x + p + VF) * load_row(y, p + VF, B);
     }
     s0 += s1;
     float sum = 0.0f;
     for (int lane = 0; lane < VF; lane++) sum += s0[lane];
-    for (; p < d; p++) sum += x[p] * y[p];
+    for (; p < d; p++) sum += x[p] * load_one(y, p, B);
     return sum;
 }
 
-/* Keys p0 .. p0 + keys - 1 of one problem (rows kp, vp) for n <= FEW queries: pb (n x e) =
- * their weighted rows of v, each score a dot product vectorized over d and each row of v
- * added vectorized over e (a masked weight is 0 and still multiplies its row). */
-TA_CLONES
-static void few_keys(const float *q, const float *kp, const float *vp, int64_t p0, int64_t keys,
-                     sizes z, float alpha, int64_t diagonal, float *restrict pb) {
+/* Keys p0 .. p0 + keys - 1 of one problem (rows kp, vp: float32, or with B, bfloat16 read
+ * in place, every entry converted as it is loaded) for n <= FEW queries: pb (n x e) = their
+ * weighted rows of v, each score a dot product vectorized over d and each row of v added
+ * vectorized over e (a masked weight is 0 and still multiplies its row). */
+static inline __attribute__((always_inline)) void few_keys_of(
+    const float *q, const void *kp, const void *vp, int64_t p0, int64_t keys, sizes z,
+    float alpha, int64_t diagonal, float *restrict pb, const int B) {
+    const int64_t size = B ? 2 : 4;
     memset(pb, 0, sizeof(float) * z.n * z.e);
     for (int64_t p = 0; p < keys; p++) {
-        const float *kj = kp + p * z.d, *vj = vp + p * z.e;
+        const char *kj = (const char *)kp + p * z.d * size, *vj = (const char *)vp + p * z.e * size;
         for (int64_t i = 0; i < z.n; i++) {
             const float w =
-                p0 + p <= i + diagonal ? ta_tanh(alpha * dot(q + i * z.d, kj, z.d)) : 0.0f;
+                p0 + p <= i + diagonal ? ta_tanh(alpha * dot(q + i * z.d, kj, z.d, B)) : 0.0f;
             float *oi = pb + i * z.e;
             int64_t c = 0;
-            for (; c + VF <= z.e; c += VF) *(vecu *)(oi + c) += w * *(const vecu *)(vj + c);
-            for (; c < z.e; c++) oi[c] += w * vj[c];
+            for (; c + VF <= z.e; c += VF) *(vecu *)(oi + c) += w * load_row(vj, c, B);
+            for (; c < z.e; c++) oi[c] += w * load_one(vj, c, B);
         }
     }
+}
+
+TA_CLONES
+static void few_keys(const float *q, const void *kp, const void *vp, int bf16, int64_t p0,
+                     int64_t keys, sizes z, float alpha, int64_t diagonal, float *restrict pb) {
+    if (bf16) few_keys_of(q, kp, vp, p0, keys, z, alpha, diagonal, pb, 1);
+    else few_keys_of(q, kp, vp, p0, keys, z, alpha, diagonal, pb, 0);
 }
 
 /* mm of a decoding step's cache (x: a piece of k or v, read once, float32 or with `bf16`
@@ -545,8 +575,8 @@ static void mm_cache(lhs x, int bf16, const char *stream, int64_t stream_bytes, 
 
 /* Keys [j0, j1) of one problem into ot (e x L, row stride L; column i: query i's share of
  * o, past n: meaningless); k and v float32, or with `bf16`, bfloat16, read in place, but
- * for few_keys and where k and v begin their tensors (`first`: the piece's first entry has
- * nothing before it for bf16_entry to read): those pieces are widened into w.k and w.v. */
+ * where k and v begin their tensors for the products (`first`: the piece's first entry has
+ * nothing before it for bf16_entry to read): that piece is widened into w.k and w.v. */
 TA_CLONES
 static void decode_keys(const float *q, const void *k, const void *v, int bf16, int first,
                         float *ot, int64_t j0, int64_t j1, sizes z, float alpha,
@@ -560,13 +590,14 @@ static void decode_keys(const float *q, const void *k, const void *v, int bf16, 
             const int64_t keys = MIN(PIECE, j1 - p0);
             const char *kb = (const char *)k + p0 * z.d * size;
             const char *vb = (const char *)v + p0 * z.e * size;
-            const int in_place = bf16 && z.n > FEW && !(first && p0 == 0);
+            /* (few_keys reads every entry as it is; the products but the first piece) */
+            const int in_place = bf16 && (z.n <= FEW || !(first && p0 == 0));
             const int wide = bf16 && !in_place;
             const void *kp = wide ? widen(w.k, (const uint16_t *)kb, keys * z.d) : (const void *)kb;
             const void *vp = wide ? widen(w.v, (const uint16_t *)vb, keys * z.e) : (const void *)vb;
             float *st = w.st;
             if (z.n <= FEW) {
-                few_keys(q, kp, vp, p0, keys, z, alpha, diagonal, st);
+                few_keys(q, kp, vp, in_place, p0, keys, z, alpha, diagonal, st);
                 for (int64_t i = 0; i < z.n; i++) {
                     for (int64_t c = 0; c < z.e; c++) {
                         const float x = st[i * z.e + c];
