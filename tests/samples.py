@@ -68,8 +68,14 @@ def weights_rounded_to(dtype: torch.dtype) -> torch.dtype | None:
 
 
 def o_atol(
-    dtype: torch.dtype, atol: float, q: Tensor, k: Tensor, v: Tensor, scale: float,
-    causal: bool | str = "none", attn_mask: Tensor | None = None,
+    dtype: torch.dtype,
+    atol: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    causal: bool | str = "none",
+    attn_mask: Tensor | None = None,
 ) -> float:
     """The absolute tolerance of ``o`` for inputs of ``dtype``: ``atol`` where the path
     computes in float32 blocks; where it rounds the weights (:func:`weights_rounded_to`),

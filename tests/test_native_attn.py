@@ -725,5 +725,6 @@ def test_grouped_query_decoding_steps(
     rtol = 1e-5 if dtype == F32 else 2**-8
     # (the compiled step sums float32 weights; the aten path may round them: o_atol)
     k_all, v_all = (x.repeat_interleave(4, dim=1) for x in (k, v))
-    atol = 1e-4 if served else o_atol(dtype, 1e-4, q, k_all, v_all, 32**-0.5, attn_mask=torch.as_tensor(keep))
+    mask_all = torch.as_tensor(keep)
+    atol = 1e-4 if served else o_atol(dtype, 1e-4, q, k_all, v_all, 32**-0.5, attn_mask=mask_all)
     torch.testing.assert_close(o.double(), want, rtol=rtol, atol=atol)
