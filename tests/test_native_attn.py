@@ -728,3 +728,52 @@ def test_grouped_query_decoding_steps(
     mask_all = torch.as_tensor(keep)
     atol = 1e-4 if served else o_atol(dtype, 1e-4, q, k_all, v_all, 32**-0.5, attn_mask=mask_all)
     torch.testing.assert_close(o.double(), want, rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def pairs_restored() -> Iterator[bool]:
+    """Whether this CPU multiplies bfloat16 pairs (native.decode_pairs), restored after."""
+    here = native.decode_pairs()
+    yield here
+    native.decode_pairs(True)
+
+
+@pytest.mark.parametrize(("n", "d", "threads"), [(16, 128, 1), (5, 8, 2), (3, 34, 1)])
+def test_decoding_by_bfloat16_pairs_sums_as_float32_does(
+    n: int, d: int, threads: int, pairs_restored: bool
+) -> None:
+    """A bfloat16 decoding step with its scores by bfloat16 pairs (AVX512-BF16, where the CPU
+    has it) and by float32 products: both within float32 sums of float64, whatever the
+    pieces (past the first piece of keys, which is widened), the threads and d."""
+    if not pairs_restored:
+        pytest.skip("this CPU has no AVX512-BF16 (native.decode_pairs() is False)")
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(3, n, d, generator=gen).bfloat16()
+    k, v = (torch.randn(3, 1100, cols, generator=gen).bfloat16() for cols in (d, 24))
+    exact = torch.tanh(q.double() @ k.double().mT * 0.2) @ v.double()
+    torch.set_num_threads(threads)
+    try:
+        for on in (True, False):
+            assert native.decode_pairs(on) is on
+            o = native.try_decode(q, k, v, 0.2, None)
+            assert o is not None
+            torch.testing.assert_close(o.double(), exact, rtol=2**-8, atol=1e-4)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_decoding_by_pairs_needs_queries_of_bfloat16_values(pairs_restored: bool) -> None:
+    """The compiled step given float32 queries that are no bfloat16 values and an even d
+    (the kernel's own API; try_decode always passes bfloat16 values) multiplies by float32
+    products: as accurate as float32, where pairs would err by q's rounding (2**-9)."""
+    library = native._load()[0]
+    if library is None:
+        pytest.skip(f"no compiled kernels: {native.unavailable_reason()}")
+    gen = torch.Generator().manual_seed(19)
+    q = torch.randn(2, 7, 16, generator=gen)
+    k, v = (torch.randn(2, 600, 16, generator=gen).bfloat16() for _ in range(2))
+    o = torch.empty(2, 7, 16)
+    pointers = [t.data_ptr() for t in (q, k, v, o)]
+    assert library.narrow.decode(*pointers, 2, 7, 600, 16, 16, 0.3, 600, 1, 1) == 0
+    exact = torch.tanh(q.double() @ k.double().mT * 0.3) @ v.double()
+    torch.testing.assert_close(o.double(), exact, rtol=1e-5, atol=2e-5)

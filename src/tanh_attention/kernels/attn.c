@@ -481,6 +481,7 @@ static int backward(const float *q, const float *k, const float *v, const float 
  * a group's o^T, and a bfloat16 piece's k and v widened (where it is not read in place). */
 typedef struct {
     float *qt, *st, *part, *k, *v;
+    uint32_t *qp; /* q^T as bfloat16 pairs, for scores_pairs (bfloat16 caches only) */
 } decode_scratch;
 
 /* x (count bfloat16 values) as float32 in buf (a bfloat16 is the top half of a float32). */
@@ -573,16 +574,108 @@ static void mm_cache(lhs x, int bf16, const char *stream, int64_t stream_bytes, 
     else products(x, y, c, ldc, rows, inner, cols, add, stream, stream_bytes, 0);
 }
 
+/* Scores of a bfloat16 cache by pairs of bfloat16 products: AVX512-BF16's vdpbf16ps
+ * multiplies 16 bfloat16 pairs and adds each pair's two products to a float32 sum in one
+ * instruction, twice the multiply-adds of an FMA on float32 (AMD EPYC with AVX512-BF16:
+ * benchmarks/RESULTS.md). The scores s^T = k q^T of a decoding step qualify where q's
+ * entries are bfloat16 values (as a bfloat16 call's are) and d is even: then each product
+ * is exact in float32, as when the entries are widened, and only the order of the float32
+ * additions differs (pairs summed first). The weights and o = a v stay float32.
+ * Only the 8-float build of an x86-64 GCC or clang has it; elsewhere PAIRS is 0. */
+#if VF == 8 && defined(__x86_64__) && defined(__GNUC__) && !defined(TA_NO_CLONES)
+#include <immintrin.h>
+#define PAIRS 1
+#define PAIRS_TARGET __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f,avx2,fma")))
+
+/* Whether scores_pairs may run: the CPU has AVX512-BF16 and ta_attn_decode_pairs left it
+ * on (for measuring and testing both ways). */
+static int pairs_wanted = 1;
+
+static int pairs_here(void) {
+    __builtin_cpu_init();
+    return pairs_wanted && __builtin_cpu_supports("avx512bf16") &&
+           __builtin_cpu_supports("avx512vl");
+}
+
+/* Rows j0 .. j0 + R - 1 of s^T (`height` of them) by scores_pairs below. */
+#define PAIR_BLOCK(r)                                                                        \
+    {                                                                                        \
+        uint32_t word;                                                                       \
+        memcpy(&word, x##r + 2 * p, sizeof word);                                            \
+        const __m256bh b = (__m256bh)_mm256_set1_epi32((int)word);                           \
+        c##r##0 = _mm256_dpbf16_ps(c##r##0, b, y0), c##r##1 = _mm256_dpbf16_ps(c##r##1, b, y1); \
+    }
+
+/* st (keys x L, row stride L) = k (keys x d bfloat16, read in place) @ q^T, q^T given as
+ * qp: entry (p, i) the pair (q[i][2p], q[i][2p + 1]) as one 32-bit word, L words a step.
+ * R keys at a time by 16 queries in 12 float32 accumulators, as mm's blocks; prefetches
+ * stream_bytes from `stream` (or NULL) spread over its steps, as mm_cache does. */
+PAIRS_TARGET
+static void scores_pairs(const uint16_t *k, int64_t keys, int64_t d, const uint32_t *qp,
+                         float *restrict st, const char *stream, int64_t stream_bytes) {
+    const int64_t half = d / 2, blocks = (keys + R - 1) / R;
+    const int64_t per_step = stream ? (stream_bytes + blocks * half - 1) / (blocks * half) : 0;
+    for (int64_t j0 = 0; j0 < keys; j0 += R) {
+        const int64_t height = MIN(R, keys - j0);
+        const uint16_t *x0 = k + j0 * d, *x1 = x0 + MIN(1, height - 1) * d;
+        const uint16_t *x2 = x0 + MIN(2, height - 1) * d, *x3 = x0 + MIN(3, height - 1) * d;
+        const uint16_t *x4 = x0 + MIN(4, height - 1) * d, *x5 = x0 + MIN(5, height - 1) * d;
+        const char *pf = stream ? stream + j0 / R * half * per_step : NULL;
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+        __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+        for (int64_t p = 0; p < half; p++) {
+            if (pf) __builtin_prefetch(pf + p * per_step);
+            const __m256bh y0 = (__m256bh)_mm256_loadu_si256((const __m256i *)(qp + p * L));
+            const __m256bh y1 = (__m256bh)_mm256_loadu_si256((const __m256i *)(qp + p * L + 8));
+            PAIR_BLOCK(0) PAIR_BLOCK(1) PAIR_BLOCK(2) PAIR_BLOCK(3) PAIR_BLOCK(4) PAIR_BLOCK(5)
+        }
+        float tile[R][L];
+        _mm256_storeu_ps(tile[0], c00), _mm256_storeu_ps(tile[0] + 8, c01);
+        _mm256_storeu_ps(tile[1], c10), _mm256_storeu_ps(tile[1] + 8, c11);
+        _mm256_storeu_ps(tile[2], c20), _mm256_storeu_ps(tile[2] + 8, c21);
+        _mm256_storeu_ps(tile[3], c30), _mm256_storeu_ps(tile[3] + 8, c31);
+        _mm256_storeu_ps(tile[4], c40), _mm256_storeu_ps(tile[4] + 8, c41);
+        _mm256_storeu_ps(tile[5], c50), _mm256_storeu_ps(tile[5] + 8, c51);
+        memcpy(st + j0 * L, tile, sizeof(float) * height * L);
+    }
+}
+#undef PAIR_BLOCK
+#else
+#define PAIRS 0
+static int pairs_here(void) { return 0; }
+#endif
+
+/* q^T as scores_pairs reads it (qp, d / 2 steps of L words; zero past n), or 0 where it
+ * cannot be: d odd, or an entry of q is no bfloat16 value (its low 16 bits not zero). */
+static int pack_pairs(uint32_t *qp, const float *q, int64_t n, int64_t d) {
+    if (!PAIRS || d % 2) return 0;
+    for (int64_t i = 0; i < n * d; i++) {
+        uint32_t word;
+        memcpy(&word, q + i, sizeof word);
+        if (word & 0xffffu) return 0;
+    }
+    for (int64_t p = 0; p < d / 2; p++) {
+        for (int64_t i = 0; i < L; i++) {
+            uint32_t lo = 0, hi = 0;
+            if (i < n) memcpy(&lo, q + i * d + 2 * p, 4), memcpy(&hi, q + i * d + 2 * p + 1, 4);
+            qp[p * L + i] = (lo >> 16) | (hi & 0xffff0000u);
+        }
+    }
+    return 1;
+}
+
 /* Keys [j0, j1) of one problem into ot (e x L, row stride L; column i: query i's share of
  * o, past n: meaningless); k and v float32, or with `bf16`, bfloat16, read in place, but
  * where k and v begin their tensors for the products (`first`: the piece's first entry has
  * nothing before it for bf16_entry to read): that piece is widened into w.k and w.v. */
 TA_CLONES
 static void decode_keys(const float *q, const void *k, const void *v, int bf16, int first,
-                        float *ot, int64_t j0, int64_t j1, sizes z, float alpha,
+                        int pairs, float *ot, int64_t j0, int64_t j1, sizes z, float alpha,
                         int64_t diagonal, decode_scratch w) {
     const int64_t size = bf16 ? 2 : 4;
     const packed qt = z.n <= FEW ? (packed){0} : panels(w.qt, q, z.d, z.d, z.n, 1);
+    /* (pairs: this CPU has scores_pairs; then q's pairs, where q and d allow them) */
+    pairs = pairs && bf16 && z.n > FEW && pack_pairs(w.qp, q, z.n, z.d);
     if (j0 >= j1) memset(ot, 0, sizeof(float) * z.e * L); /* (a thread's share of no keys) */
     for (int64_t c0 = j0; c0 < j1; c0 += DECODE_KEYS) {
         float *sum = c0 == j0 ? ot : w.part;
@@ -608,8 +701,13 @@ static void decode_keys(const float *q, const void *k, const void *v, int bf16, 
             }
             /* (while k's products run, v's piece is prefetched, and while v's run, k's next) */
             const int64_t next = MIN(PIECE, j1 - p0 - keys);
-            mm_cache((lhs){kp, z.d, 1}, in_place, wide ? NULL : vb, keys * z.e * size, qt, st, L,
-                     keys, z.d, L, 0);
+#if PAIRS
+            if (pairs && in_place)
+                scores_pairs((const uint16_t *)kp, keys, z.d, w.qp, st, vb, keys * z.e * size);
+            else
+#endif
+                mm_cache((lhs){kp, z.d, 1}, in_place, wide ? NULL : vb, keys * z.e * size, qt,
+                         st, L, keys, z.d, L, 0);
             for (int64_t t = 0; t < keys * L; t++) st[t] = ta_tanh(alpha * st[t]);
             /* query i keeps key j iff j <= i + diagonal: zeros where j - diagonal > i */
             for (int64_t p = MAX(0, diagonal + 1 - p0); p < keys; p++)
@@ -619,6 +717,16 @@ static void decode_keys(const float *q, const void *k, const void *v, int bf16, 
         }
         for (int64_t t = 0; c0 > j0 && t < z.e * L; t++) ot[t] += w.part[t];
     }
+}
+
+/* Whether the decoding steps multiply bfloat16 scores by pairs (scores_pairs) here, after
+ * turning that on (`enable` 1; the default) or off (0; -1 leaves it): for measuring and
+ * testing both ways. */
+int NAME(ta_attn_decode_pairs)(int enable) {
+#if PAIRS
+    if (enable >= 0) pairs_wanted = enable;
+#endif
+    return pairs_here();
 }
 
 /* The decoding step of G problems (layout above, no a; n <= L; k and v float32, or with
@@ -635,7 +743,9 @@ int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float
 #endif
     /* qt, st (or few_keys' rows of o), part, k, v, then ot */
     const int64_t st_size = MAX(PIECE * L, FEW * e), widened = bf16 ? PIECE * (d + e) : 0;
-    const int64_t each = d * L + st_size + e * L + widened + e * L;
+    const int64_t pairs_size = bf16 ? d * L / 2 + L : 0; /* (qp, as many words) */
+    const int64_t ot_at = d * L + st_size + e * L + widened, each = ot_at + e * L + pairs_size;
+    const int pairs = bf16 && pairs_here(); /* (asked once, outside the threads) */
     float *scratch = malloc(sizeof(float) * each * threads);
     if (scratch == NULL) return 1;
     const int split = threads > 1 && G < threads; /* keys shared out */
@@ -652,15 +762,16 @@ int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float
             if (me == 0) parts = count;
 #endif
             float *mine = scratch + me * each;
-            decode_scratch w = {mine, mine + d * L, mine + d * L + st_size, NULL, NULL};
+            decode_scratch w = {mine, mine + d * L, mine + d * L + st_size, NULL, NULL, NULL};
             w.k = w.part + e * L, w.v = w.k + PIECE * d;
             float *ot = w.part + e * L + widened;
+            w.qp = (uint32_t *)(ot + e * L);
             const int64_t g_end = split ? g0 + 1 : G * (me + 1) / count;
             const int64_t j0 = split ? m * me / count : 0, j1 = split ? m * (me + 1) / count : m;
             for (int64_t g = split ? g0 : G * me / count; g < g_end; g++) {
                 decode_keys(q + g * q_size, (const char *)k + g * k_size,
-                            (const char *)v + g * v_size, bf16, g == 0, ot, j0, j1, z, alpha,
-                            diagonal, w);
+                            (const char *)v + g * v_size, bf16, g == 0, pairs, ot, j0, j1, z,
+                            alpha, diagonal, w);
                 for (int64_t i = 0; !split && i < n; i++)
                     for (int64_t c = 0; c < e; c++) o[(g * n + i) * e + c] = ot[c * L + i];
             }
@@ -668,7 +779,7 @@ int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float
         for (int64_t i = 0; split && i < n; i++) {
             for (int64_t c = 0; c < e; c++) {
                 float sum = 0.0f;
-                for (int t = 0; t < parts; t++) sum += scratch[t * each + each - e * L + c * L + i];
+                for (int t = 0; t < parts; t++) sum += scratch[t * each + ot_at + c * L + i];
                 o[(g0 * n + i) * e + c] = sum;
             }
         }

@@ -48,6 +48,7 @@ __all__ = [
     "MAX_KEYS_PER_QUERY",
     "MAX_ULP",
     "PARALLEL_MIN",
+    "decode_pairs",
     "serves",
     "tanh_",
     "try_attn",
@@ -238,16 +239,21 @@ def _check_decode(decode: Any) -> str | None:
     diagonal, shares of problems and of keys over two threads, a float32 and a bfloat16
     cache."""
     gen = torch.Generator().manual_seed(1)
-    m, d, e, scale = 1100, 7, 9, 0.3
-    # (problems, queries, causal diagonal, threads, bfloat16)
-    cases = ((3, 5, m, 1, 0), (1, 5, m - 5, 2, 1), (3, 2, 2, 2, 1), (1, 1, -1, 1, 0))
-    for groups, n, diagonal, threads, bf16 in (*cases, (2, 2, m - 2, 2, 0)):
+    m, e, scale = 1100, 9, 0.3
+    # (problems, queries, causal diagonal, threads, bfloat16, d); a bfloat16 cache with d
+    # even and q of bfloat16 values takes scores_pairs where the CPU has them.
+    cases = ((3, 5, m, 1, 0, 7), (1, 5, m - 5, 2, 1, 7), (3, 2, 2, 2, 1, 7), (1, 1, -1, 1, 0, 7))
+    for groups, n, diagonal, threads, bf16, d in (
+        *cases,
+        (2, 2, m - 2, 2, 0, 7),
+        (2, 5, m, 2, 1, 8),
+    ):
         q, k, v = (
             torch.randn(groups, rows, cols, generator=gen)
             for rows, cols in ((n, d), (m, d), (m, e))
         )
         if bf16:
-            k, v = k.bfloat16(), v.bfloat16()
+            q, k, v = q.bfloat16().float(), k.bfloat16(), v.bfloat16()
         keep = torch.arange(m) <= torch.arange(n).unsqueeze(-1) + diagonal
         a_ref = torch.where(keep, torch.tanh(scale * q.double() @ k.double().mT), 0.0)
         o = torch.empty(groups, n, e)
@@ -280,6 +286,7 @@ class _Library(NamedTuple):
     narrow: _Kernels  # vectors of 8 floats (attn.c)
     wide: _Kernels  # of 16 (attn_wide.c)
     vector_floats: int  # of the build this CPU runs at full width: 16, 8 or 0 (neither)
+    decode_pairs: Any  # ta_attn_decode_pairs of the 8-float build
 
 
 @functools.cache
@@ -296,6 +303,7 @@ def _load() -> tuple[_Library | None, str | None]:
     try:
         library = ctypes.CDLL(str(path))
         tanh, vector_floats = library.ta_tanh_f32, library.ta_attn_vector_floats
+        pairs = library.ta_attn_decode_pairs
         builds = [
             _Kernels(*(getattr(library, f"ta_attn_{part}f32{suffix}") for part in _SYMBOL_PARTS))
             for suffix in ("", "_wide")
@@ -306,6 +314,7 @@ def _load() -> tuple[_Library | None, str | None]:
     tanh.argtypes = [pointer, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     tanh.restype = None
     vector_floats.argtypes, vector_floats.restype = [], ctypes.c_int
+    pairs.argtypes, pairs.restype = [ctypes.c_int], ctypes.c_int
     for build in builds:
         for function, pointers in zip(build, (5, 9, 4), strict=True):
             sizes = [*[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
@@ -321,7 +330,24 @@ def _load() -> tuple[_Library | None, str | None]:
     )
     if bad:
         return None, bad
-    return _Library(tanh, narrow, wide, int(vector_floats())), None
+    return _Library(tanh, narrow, wide, int(vector_floats()), pairs), None
+
+
+def decode_pairs(enable: bool | None = None) -> bool:
+    """Whether the compiled bfloat16 decoding step multiplies its scores by bfloat16 pairs
+    here (AVX512-BF16's ``vdpbf16ps``: twice the multiply-adds of float32 FMAs; ``attn.c``'s
+    ``scores_pairs``), for calls whose d is even (q of a bfloat16 call always qualifies);
+    with ``enable``, after turning that on or off for this process (on by default; for
+    measuring and testing both ways). False where the kernels are unavailable.
+
+    Example:
+        >>> decode_pairs() in (True, False)
+        True
+    """
+    library = _load()[0]
+    if library is None:
+        return False
+    return bool(library.decode_pairs(-1 if enable is None else int(enable)))
 
 
 def _use_wide(library: _Library, d: int, e: int) -> bool:
@@ -586,7 +612,8 @@ def try_decode(
     """``o`` of a float32 or bfloat16 decoding step by ``attn.c``: :func:`try_attn`'s forward
     without ``a``, for the calls it declines as decoding steps, computed transposed so that k
     and v are read once, in place (no packed or converted copy of the cache; a bfloat16
-    entry is widened as the products read it, every sum float32, ``o`` rounded once).
+    entry is widened as the products read it, every sum float32, ``o`` rounded once; on a
+    CPU with AVX512-BF16 the scores multiply bfloat16 pairs, :func:`decode_pairs`).
 
     Grouped-query attention (``scaled_dot_product_attention(..., enable_gqa=True)``): where k
     and v have a batch dim of size 1 just before their rows that q has ``r`` of (``r`` query
