@@ -471,9 +471,11 @@ static int backward(const float *q, const float *k, const float *v, const float 
  * rows for one query. Here the products run transposed, so that k and v are read in place,
  * once, a piece of keys at a time: s^T = k q^T (rows: keys; q^T is one packed panel),
  * a^T = M * tanh(alpha s^T), then o^T += v^T a^T (v^T read in place). A bfloat16 cache is
- * read as it is, each entry widened to float32 as the products broadcast it (bf16_entry:
- * the cache is read once, at half the bytes; every sum is float32). The pieces' sums are
- * added up in groups of DECODE_KEYS keys, and the groups' sums in turn. */
+ * read as it is, each entry widened to float32 as the products broadcast it (bf16_entry;
+ * or as few_keys loads a row; or on CPUs with AVX512-BF16, the scores multiply bfloat16
+ * pairs: scores_pairs): the cache is read once, at half the bytes, and every sum is
+ * float32. The pieces' sums are added up in groups of DECODE_KEYS keys, and the groups'
+ * sums in turn. */
 #define DECODE_KEYS 1024
 #define PIECE 256
 
