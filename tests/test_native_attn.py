@@ -41,7 +41,7 @@ def vector_floats(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     """Each test runs on both builds of attn.c, whatever this CPU would pick (one without
     AVX-512 runs the 16-float build as narrower machine vectors: slower, the same
     arithmetic)."""
-    monkeypatch.setattr(native, "_use_wide", lambda library, d, e: request.param == 16)
+    monkeypatch.setattr(native, "_use_wide", lambda *args: request.param == 16)
     return int(request.param)
 
 
@@ -668,9 +668,12 @@ def test_without_full_width_vectors_calls_keep_the_aten_path(
     torch.testing.assert_close(a.double(), a_ref, rtol=0, atol=2e-6)
 
 
-def test_avx512_takes_the_wide_build_above_16_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the CPU runs 16-float vectors (AVX-512), calls with d and e above 16 take them;
-    smaller ones keep the 8-float build (32-column panels of 16 would be half zeros)."""
+def test_avx512_takes_the_wide_build_where_its_panels_fill(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the CPU runs 16-float vectors (AVX-512), calls whose d, e and m fill 32-column
+    panels as fully as 16-column ones take them; others keep the 8-float build (32-column
+    panels of 16 columns would be half zeros)."""
     monkeypatch.undo()  # (the real choice, not the fixture's)
     library = native._load()[0]
     assert library is not None
@@ -678,8 +681,16 @@ def test_avx512_takes_the_wide_build_above_16_features(monkeypatch: pytest.Monke
     monkeypatch.setattr(native, "_load", lambda: (wide, None))
     assert native.vector_floats(64) == 16 and native.vector_floats(32, 24) == 16
     assert native.vector_floats(16) == 8 and native.vector_floats(64, 16) == 8
-    for d, kernels in ((16, library.narrow), (64, library.wide)):
-        call = native._served(*_inputs((2,), 8, 12, d, d), 0.5)
+    assert native.vector_floats(64, m=16) == 8 and native.vector_floats(64, m=40) == 8
+    assert native.vector_floats(64, m=64) == 16 and native.vector_floats(64, m=1000) == 16
+    assert native.vector_floats(100) == 8 and native.vector_floats(120) == 16
+    assert native.vector_floats(64, m=300) == 8 and native.vector_floats(64, m=1008) == 16
+    for d, m, kernels in (
+        (16, 64, library.narrow),
+        (64, 16, library.narrow),
+        (64, 64, library.wide),
+    ):
+        call = native._served(*_inputs((2,), 8, m, d, d), 0.5)
         assert call is not None and call.kernels is kernels
 
 

@@ -350,25 +350,38 @@ def decode_pairs(enable: bool | None = None) -> bool:
     return bool(library.decode_pairs(-1 if enable is None else int(enable)))
 
 
-def _use_wide(library: _Library, d: int, e: int) -> bool:
-    """Whether a call with these feature sizes takes the 16-float kernels: on a CPU with
-    AVX-512, unless d or e is 16 or less (the products whose columns are d or e would be
-    half zeros in 32-column panels: AMD's AVX-512 before Zen 5 runs 512 bits in two halves,
-    so that would cost it twice the time of the 8-float kernels)."""
-    return library.vector_floats == 16 and min(d, e) > 16
+def _use_wide(library: _Library, d: int, e: int, m: int | None = None) -> bool:
+    """Whether a call with these feature sizes (and ``m`` keys, where given) takes the
+    16-float kernels: on a CPU with AVX-512, where the products' columns (d, e, and m for
+    the scores) fill 32-column panels about as fully as 16-column ones (at most a 32nd more
+    columns, zeros included). Elsewhere AMD's AVX-512 before Zen 5, which runs 512 bits in
+    two halves, spends as long on the zero columns as on work: with d or e 16 or less, or
+    m = 16, the 16-float kernels took up to twice the time of the 8-float ones (64 x 4 x 16
+    x 128 forward, one thread, AMD EPYC Zen 4: 1028 us against 586), and where the panels
+    are full they gain 0-10% (benchmarks/RESULTS.md)."""
+    columns = (d, e) if m is None else (d, e, m)
+    return library.vector_floats == 16 and all(
+        32 * _padded(c, 32) <= 33 * _padded(c, 16) for c in columns
+    )
 
 
-def vector_floats(d: int = 64, e: int | None = None) -> int | None:
+def _padded(columns: int, width: int) -> int:
+    """``columns`` rounded up to whole panels of ``width``."""
+    return -(-columns // width) * width
+
+
+def vector_floats(d: int = 64, e: int | None = None, m: int | None = None) -> int | None:
     """The vector width, in floats, of the compiled attention kernels that serve a call of
-    feature sizes ``d`` (q, k) and ``e`` (v; default ``d``) here: 16 on a CPU with AVX-512
-    (above 16 features), else 8; None where they serve no call: the library is unavailable
-    (see :func:`unavailable_reason`), or neither build runs at its full width on this CPU
-    (x86-64 without AVX2 and FMA, or another architecture: there the vectors are computed
-    piece by piece, 30-40x slower, and attention keeps its aten path)."""
+    feature sizes ``d`` (q, k) and ``e`` (v; default ``d``) and ``m`` keys (default: many)
+    here: 16 on a CPU with AVX-512 where d, e and m fill 32-column panels about as fully as
+    16-column ones (``_use_wide``), else 8; None where they serve no call: the library is
+    unavailable (see :func:`unavailable_reason`), or neither build runs at its full width on
+    this CPU (x86-64 without AVX2 and FMA, or another architecture: there the vectors are
+    computed piece by piece, 30-40x slower, and attention keeps its aten path)."""
     library = _load()[0]
     if library is None or library.vector_floats == 0:
         return None
-    return 16 if _use_wide(library, d, d if e is None else e) else 8
+    return 16 if _use_wide(library, d, d if e is None else e, m) else 8
 
 
 def unavailable_reason() -> str | None:
@@ -506,7 +519,7 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, decode: bool = False)
     groups = q.numel() // (n * d)
     threads = torch.get_num_threads() if groups * n * m * (d + e) >= PARALLEL_MIN else 1
     # (a decoding step's queries are one panel of the 8-float build)
-    kernels = library.wide if not decode and _use_wide(library, d, e) else library.narrow
+    kernels = library.wide if not decode and _use_wide(library, d, e, m) else library.narrow
     return _Call(kernels, batch, groups, n, m, d, e, threads)
 
 
