@@ -359,15 +359,14 @@ def _use_wide(library: _Library, d: int, e: int, m: int | None = None) -> bool:
     m = 16, the 16-float kernels took up to twice the time of the 8-float ones (64 x 4 x 16
     x 128 forward, one thread, AMD EPYC Zen 4: 1028 us against 586), and where the panels
     are full they gain 0-10% (benchmarks/RESULTS.md)."""
-    columns = (d, e) if m is None else (d, e, m)
-    return library.vector_floats == 16 and all(
-        32 * _padded(c, 32) <= 33 * _padded(c, 16) for c in columns
-    )
+    return library.vector_floats == 16 and _wide_panels_fill(d, e, m)
 
 
-def _padded(columns: int, width: int) -> int:
-    """``columns`` rounded up to whole panels of ``width``."""
-    return -(-columns // width) * width
+@functools.lru_cache(maxsize=1024)
+def _wide_panels_fill(*columns: int | None) -> bool:
+    """Whether 32-column panels of each of ``columns`` (None: many) hold at most a 32nd
+    more columns than 16-column ones. (Cached: small calls ask it every time.)"""
+    return all(c is None or 32 * -(-c // 32) * 32 <= 33 * -(-c // 16) * 16 for c in columns)
 
 
 def vector_floats(d: int = 64, e: int | None = None, m: int | None = None) -> int | None:
