@@ -583,8 +583,18 @@ static void mm_cache(lhs x, int bf16, const char *stream, int64_t stream_bytes, 
  * entries are bfloat16 values (as a bfloat16 call's are) and d is even: then each product
  * is exact in float32, as when the entries are widened, and only the order of the float32
  * additions differs (pairs summed first). The weights and o = a v stay float32.
- * Only the 8-float build of an x86-64 GCC or clang has it; elsewhere PAIRS is 0. */
-#if VF == 8 && defined(__x86_64__) && defined(__GNUC__) && !defined(TA_NO_CLONES)
+ * Only the 8-float build of an x86-64 GCC 11 or clang 12 and later has it (older ones lack
+ * the intrinsics or the CPU test, and the whole library would fail to build); elsewhere
+ * PAIRS is 0. A product sums all d terms in order, without CHUNK's pieces (d is a head's
+ * size, not a sequence's). */
+#if defined(__clang__)
+#define PAIRS_COMPILER (__clang_major__ >= 12)
+#elif defined(__GNUC__)
+#define PAIRS_COMPILER (__GNUC__ >= 11)
+#else
+#define PAIRS_COMPILER 0
+#endif
+#if VF == 8 && defined(__x86_64__) && PAIRS_COMPILER && !defined(TA_NO_CLONES)
 #include <immintrin.h>
 #define PAIRS 1
 #define PAIRS_TARGET __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f,avx2,fma")))
@@ -599,7 +609,8 @@ static int pairs_here(void) {
            __builtin_cpu_supports("avx512vl");
 }
 
-/* Rows j0 .. j0 + R - 1 of s^T (`height` of them) by scores_pairs below. */
+/* One step of row r of a scores_pairs block: k's entries 2p and 2p + 1 of that row, as one
+ * 32-bit word in every lane, times the 16 queries' pairs, added to their two sums. */
 #define PAIR_BLOCK(r)                                                                        \
     {                                                                                        \
         uint32_t word;                                                                       \
