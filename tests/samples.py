@@ -55,16 +55,14 @@ def reference(
     return torch.matmul(a, v), a
 
 
-def weights_rounded_to(dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype the CPU path computes the weights ``a`` in for inputs of ``dtype``:
-    bfloat16 where this CPU multiplies bfloat16 natively (``kernels.cpu.method_name`` says
+def rounds_weights(dtype: torch.dtype) -> bool:
+    """Whether the CPU path rounds the weights ``a`` to ``dtype`` before ``a @ v``: for
+    bfloat16 where this CPU multiplies it natively (``kernels.cpu.method_name`` says
     "onednn": the blocks stay bfloat16, products accumulating in float32, as FlashAttention
-    rounds its P), else None (float32 blocks, ``o`` rounded once)."""
+    rounds its P); elsewhere the blocks are float32 and ``o`` is rounded once."""
     from tanh_attention.kernels import cpu
 
-    if dtype == torch.bfloat16 and cpu.method_name(dtype) == "onednn":
-        return dtype
-    return None
+    return dtype == torch.bfloat16 and cpu.method_name(dtype) == "onednn"
 
 
 def o_atol(
@@ -78,12 +76,12 @@ def o_atol(
     attn_mask: Tensor | None = None,
 ) -> float:
     """The absolute tolerance of ``o`` for inputs of ``dtype``: ``atol`` where the path
-    computes in float32 blocks; where it rounds the weights (:func:`weights_rounded_to`),
+    computes in float32 blocks; where it rounds the weights (:func:`rounds_weights`),
     at least twice the largest error of the composite computed in ``dtype`` by torch's own
     ops against float64 (a weight rounded errs by up to half its ulp, and summed over m keys
     those err about ``2**-9 * sqrt(m)`` of ``o``'s scale: beyond any elementwise tolerance
     of a float32 computation, as the composite's own error is)."""
-    if weights_rounded_to(dtype) is None:
+    if not rounds_weights(dtype):
         return atol
     wide = [x.detach().double() for x in (q, k, v)]
     want = reference(*wide, attn_mask, scale, causal)[0]

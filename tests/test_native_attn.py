@@ -749,28 +749,31 @@ def pairs_restored() -> Iterator[bool]:
     native.decode_pairs(True)
 
 
-@pytest.mark.parametrize(("n", "d", "threads"), [(16, 128, 1), (5, 8, 2), (3, 34, 1)])
+@pytest.mark.parametrize(
+    ("groups", "n", "d", "threads"),
+    [(1, 16, 128, 2), (3, 16, 128, 2), (3, 5, 8, 1), (3, 3, 34, 1)],
+    indirect=["threads"],
+)
 def test_decoding_by_bfloat16_pairs_sums_as_float32_does(
-    n: int, d: int, threads: int, pairs_restored: bool
+    groups: int, n: int, d: int, threads: int, pairs_restored: bool
 ) -> None:
     """A bfloat16 decoding step with its scores by bfloat16 pairs (AVX512-BF16, where the CPU
     has it) and by float32 products: both within float32 sums of float64, whatever the
-    pieces (past the first piece of keys, which is widened), the threads and d."""
+    pieces (past the first piece of keys, which is widened), d, and the threads (two: one
+    problem's keys shared out, or problems shared out)."""
     if not pairs_restored:
         pytest.skip("this CPU has no AVX512-BF16 (native.decode_pairs() is False)")
     gen = torch.Generator().manual_seed(17)
-    q = torch.randn(3, n, d, generator=gen).bfloat16()
-    k, v = (torch.randn(3, 1100, cols, generator=gen).bfloat16() for cols in (d, 24))
+    q = torch.randn(groups, n, d, generator=gen).bfloat16()
+    k, v = (torch.randn(groups, 1100, cols, generator=gen).bfloat16() for cols in (d, 24))
+    if threads > 1:
+        assert groups * n * 1100 * (d + 24) >= native.PARALLEL_MIN  # (the threads run)
     exact = torch.tanh(q.double() @ k.double().mT * 0.2) @ v.double()
-    torch.set_num_threads(threads)
-    try:
-        for on in (True, False):
-            assert native.decode_pairs(on) is on
-            o = native.try_decode(q, k, v, 0.2, None)
-            assert o is not None
-            torch.testing.assert_close(o.double(), exact, rtol=2**-8, atol=1e-4)
-    finally:
-        torch.set_num_threads(1)
+    for on in (True, False):
+        assert native.decode_pairs(on) is on
+        o = native.try_decode(q, k, v, 0.2, None)
+        assert o is not None
+        torch.testing.assert_close(o.double(), exact, rtol=2**-8, atol=1e-4)
 
 
 def test_decoding_by_pairs_needs_queries_of_bfloat16_values(pairs_restored: bool) -> None:

@@ -756,7 +756,7 @@ int NAME(ta_attn_decode_f32)(const float *q, const void *k, const void *v, float
 #endif
     /* qt, st (or few_keys' rows of o), part, k, v, then ot */
     const int64_t st_size = MAX(PIECE * L, FEW * e), widened = bf16 ? PIECE * (d + e) : 0;
-    const int64_t pairs_size = bf16 ? d * L / 2 + L : 0; /* (qp, as many words) */
+    const int64_t pairs_size = bf16 ? d * L / 2 : 0; /* (qp: d / 2 steps of L words) */
     const int64_t ot_at = d * L + st_size + e * L + widened, each = ot_at + e * L + pairs_size;
     const int pairs = bf16 && pairs_here(); /* (asked once, outside the threads) */
     float *scratch = malloc(sizeof(float) * each * threads);
