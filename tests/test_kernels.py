@@ -631,13 +631,21 @@ def test_low_precision(dtype: torch.dtype, tol: float, need_weights: bool, metho
     q, k, v, mask = _inputs(((2, 40, 16), (2000, 16), (2000, 8), (40, 2000)), dtype)
     leaves = [x.requires_grad_() for x in (q / 4, k, v)]
     o, a = blockwise.forward(*leaves, mask, 0.5, need_weights=need_weights, block_rows=16)
-    o_comp, _ = torch.ops.tanh_attention.attn_composite(*leaves, mask, 0.5)
+    o_comp, a_comp = torch.ops.tanh_attention.attn_composite(*leaves, mask, 0.5)
     exact = [x.detach().double().requires_grad_() for x in leaves]
-    o_ref, _ = reference(*exact, mask, 0.5)
+    o_ref, a_ref = reference(*exact, mask, 0.5)
     g_o = torch.randn_like(o_ref)
-    grads = blockwise.backward(g_o.to(dtype), None, *leaves, a, mask, 0.5, block_rows=16)
-    grads_comp = torch.autograd.grad(o_comp, leaves, g_o.to(dtype))
-    grads_ref = torch.autograd.grad(o_ref, exact, g_o)
+    # (with the weights, a gradient for them too: (g_o v^T + g_a) (1 - a^2) in one pass)
+    g_a = torch.randn_like(a_ref) if need_weights else None
+    g_a_low = None if g_a is None else g_a.to(dtype)
+    grads = blockwise.backward(g_o.to(dtype), g_a_low, *leaves, a, mask, 0.5, block_rows=16)
+    if need_weights:
+        grads_comp = torch.autograd.grad((o_comp, a_comp), leaves, (g_o.to(dtype), g_a_low))
+        grads_ref = torch.autograd.grad((o_ref, a_ref), exact, (g_o, g_a))
+    else:
+        grads_comp = torch.autograd.grad(o_comp, leaves, g_o.to(dtype))
+        grads_ref = torch.autograd.grad(o_ref, exact, g_o)
+    assert all(g is not None and g.is_contiguous() for g in grads)
 
     def error(got: Tensor, want: Tensor) -> float:
         return ((got.double() - want).abs() / (1 + want.abs())).max().item()

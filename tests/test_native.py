@@ -208,3 +208,69 @@ def test_two_threads_give_the_same_values(shape: tuple[int, ...]) -> None:
     assert torch.equal(one, two)
     assert not one.is_contiguous() or len(shape) == 1
     torch.testing.assert_close(one.double(), torch.tanh(0.7 * x.double()), rtol=0, atol=2e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# The backward's step through the tanh: g = (g + g_a) * (1 - a^2), one pass
+# --------------------------------------------------------------------------------------------
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_g_a", [True, False], ids=["g_a", "no_g_a"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("problems", [1, 3])
+def test_tanh_backward_against_float64(
+    dtype: torch.dtype,
+    with_g_a: bool,
+    threads: int,
+    problems: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A block of g as the backward makes it (its own buffer) and blocks of g_a and a: of one
+    problem, read from larger matrices (rows strided apart, as the saved weights are read),
+    or of several, whole; a NaN and an infinity among them, past the 65536 entries that
+    split the rows between threads: within one rounding of the float64 value (bfloat16:
+    rounded once, not after each of aten's two passes); the entries around untouched."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(5)
+    rows, cols = 300, 230
+    pad = (4, 9) if problems == 1 else (0, 0)
+    g = torch.randn(problems, rows, cols, generator=gen).to(dtype)
+    big_g_a, big_a = (
+        torch.randn(problems, rows + pad[0], cols + pad[1], generator=gen).to(dtype)
+        for _ in range(2)
+    )
+    big_a = big_a.tanh()
+    g_a, a = (big[:, pad[0] :, pad[1] :] for big in (big_g_a, big_a))
+    g[0, 4, 7], g_a[-1, 9, 3], g[-1, 2, 2] = float("nan"), float("nan"), float("inf")
+    around = (big_g_a.clone(), big_a.clone())
+    total = g.double() + (g_a.double() if with_g_a else 0.0)
+    want = total * (1 - a.double() ** 2)
+    got = native.try_tanh_backward_(g, g_a if with_g_a else None, a)
+    assert got is g
+    assert torch.equal(g.isnan(), want.isnan())
+    finite = want.isfinite()
+    assert torch.equal(g[~finite].nan_to_num(), want[~finite].to(dtype).nan_to_num())
+    # float32's own roundings (g + g_a, a^2 near 1) off by a few ulp of the total, then
+    # the result's rounding to the dtype
+    bound = torch.finfo(dtype).eps * want.abs() + 4 * torch.finfo(torch.float32).eps * total.abs()
+    assert ((g.double() - want).abs()[finite] <= bound[finite]).all()
+    for big, before in zip((big_g_a, big_a), around, strict=True):  # (read only)
+        torch.testing.assert_close(big, before, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_compiled
+def test_tanh_backward_refuses_what_it_cannot_walk_and_the_blocks_fall_back() -> None:
+    """Rows not contiguous, another dtype, mismatched shapes: None, g untouched; the blocks'
+    tanh_backward_ (kernels/cpu.py) then takes aten's, with the same values."""
+    g = torch.randn(3, 4, 5)
+    a = torch.randn(3, 5, 4).tanh().mT  # rows not contiguous
+    before = g.clone()
+    assert native.try_tanh_backward_(g, None, a) is None
+    assert native.try_tanh_backward_(g.double(), None, a.double()) is None
+    assert native.try_tanh_backward_(g, None, torch.randn(3, 4, 6)) is None
+    assert torch.equal(g, before)
+    g_a = torch.randn(3, 4, 5)
+    want = (g.double() + g_a.double()) * (1 - a.double() ** 2)
+    torch.testing.assert_close(cpu_kernels.tanh_backward_(g, g_a, a).double(), want)

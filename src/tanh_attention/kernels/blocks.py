@@ -30,10 +30,12 @@ from torch import Tensor
 __all__ = [
     "AddProduct",
     "MatmulT",
+    "TanhBackward",
     "add_product_",
     "forward_block_",
     "jvp_block_",
     "keep_block_",
+    "tanh_backward_",
     "vjp_block_",
 ]
 
@@ -46,6 +48,16 @@ def _matmul_t(x: Tensor, y: Tensor, add: Tensor | None = None) -> Tensor:
 MatmulT = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 # ``add_product(acc, x, y, alpha, first=...)``: :func:`add_product_`'s contract.
 AddProduct = Callable[..., Tensor]
+# ``tanh_backward(g, g_a, a)``: :func:`tanh_backward_`'s contract.
+TanhBackward = Callable[[Tensor, "Tensor | None", Tensor], Tensor]
+
+
+def tanh_backward_(g: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor:
+    """In place: ``g = (g + g_a) * (1 - a^2)`` (``g_a`` None: no term), all ``(G, rows,
+    cols)`` alike; ``g`` is a buffer of its own. Returns ``g``."""
+    if g_a is not None:
+        g.add_(g_a)
+    return torch.ops.aten.tanh_backward.grad_input(g, a, grad_input=g)
 
 
 def add_product_(
@@ -158,6 +170,7 @@ def vjp_block_(
     first_rows: bool = False,
     first_cols: bool = False,
     add_product: AddProduct = add_product_,
+    tanh_backward: TanhBackward = tanh_backward_,
 ) -> None:
     """One block of ``formulas.vjp``, accumulated into the gradient buffers::
 
@@ -191,6 +204,8 @@ def vjp_block_(
         first_rows: write ``g_q`` instead of adding to it (the one block of its rows).
         first_cols: write ``g_k`` and ``g_v`` instead (the one block of its columns).
         add_product: computes ``acc (+)= alpha * x @ y`` (default :func:`add_product_`).
+        tanh_backward: computes ``g = (g + g_a) * (1 - a^2)`` in place (default
+            :func:`tanh_backward_`).
     """
     # a_rc, g_rc, dropout_rc: views of the blocks as (rows, cols), however they are held.
     a_rc = a.mT if transposed else a
@@ -201,10 +216,12 @@ def vjp_block_(
             g = g_a if dropout is None else g_a * dropout
             g = torch.ops.aten.tanh_backward(g, a)
         else:
-            g = matmul_t(v, g_o, g_a) if transposed else matmul_t(g_o, v, g_a)
+            g = matmul_t(v, g_o, None) if transposed else matmul_t(g_o, v, None)
             if dropout is not None:
-                g.mul_(dropout)
-            torch.ops.aten.tanh_backward.grad_input(g, a, grad_input=g)
+                if g_a is not None:
+                    g.add_(g_a)
+                g, g_a = g.mul_(dropout), None
+            tanh_backward(g, g_a, a)
         keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
         g_rc = g.mT if transposed else g
         if g_q is not None:

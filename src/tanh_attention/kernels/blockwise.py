@@ -72,6 +72,7 @@ from .cpu import (
     scaled_tanh_,
     scores_tanh,
     tanh_,
+    tanh_backward_,
 )
 from .native import serves, try_attn, try_attn_backward, try_decode
 
@@ -696,7 +697,7 @@ class _Problem:
         memory of its own."""
         if t.shape != like.shape:
             t = t.sum_to_size(like.shape)  # a view of the sum where it drops leading dims
-        t = t.to(like.dtype)
+        t = t.to(like.dtype, memory_format=torch.contiguous_format)
         return t if t._base is None else t.clone()
 
 
@@ -911,7 +912,13 @@ def backward(
     transposed = a is None
     g_q = p.zeros(p.n, p.d, written=p.whole_rows) if need_q else None
     g_k = p.zeros(p.m, p.d, written=p.whole_cols) if need_k else None
-    g_v = p.zeros(p.m, p.e, written=p.whole_cols) if need_v else None
+    g_v = None
+    if need_v and p.native and not transposed:
+        # bfloat16 blocks of the saved a: g_v's products come transposed (add_product_ reads
+        # a block of a^T as (g_o^T a)^T), so g_v is kept as g_v^T, where they add row by row.
+        g_v = p.zeros(p.e, p.m, written=p.whole_cols).mT
+    elif need_v:
+        g_v = p.zeros(p.m, p.e, written=p.whole_cols)
     where = p.weights_index()
     if grad_a is not None and where is not None:
         # grad_a belongs to one copy of a along v's own batch dims: the others get none.
@@ -965,6 +972,7 @@ def backward(
                 first_rows=p.whole_rows,
                 first_cols=p.whole_cols,
                 add_product=add_product_,
+                tanh_backward=tanh_backward_,
             )
     return (
         None if g_q is None else p.reduce(g_q, q),

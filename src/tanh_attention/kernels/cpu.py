@@ -87,6 +87,7 @@ __all__ = [
     "scaled_tanh_",
     "scores_tanh",
     "tanh_",
+    "tanh_backward_",
     "tanh_method",
 ]
 
@@ -544,6 +545,16 @@ def add_product_(
             acc[0].copy_(product)
         return acc
     return blocks.add_product_(acc, x, y, alpha, first=first)
+
+
+def tanh_backward_(g: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor:
+    """In place: ``g = (g + g_a) * (1 - a^2)`` (:func:`kernels.blocks.tanh_backward_`'s
+    contract, which it is passed in place of): one pass of the compiled kernel for float32
+    and bfloat16 blocks, rounded once (aten's two passes round bfloat16 twice, and took 1.6x
+    the time on the AMD EPYC with AVX512-BF16: benchmarks/RESULTS.md); else aten's."""
+    if native.try_tanh_backward_(g, g_a, a) is None:
+        blocks.tanh_backward_(g, g_a, a)
+    return g
 
 
 def _grouped(x: Tensor, y: Tensor) -> bool:

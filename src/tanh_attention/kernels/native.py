@@ -1,7 +1,9 @@
 """The compiled kernels: built on first use with the machine's C compiler into one library,
 cached, loaded with ctypes; where they cannot be, the CPU kernels keep their other paths.
 
-- ``tanh.c``: the "compiled" tanh method of the CPU kernels (:func:`tanh_`, :func:`try_tanh_`);
+- ``tanh.c``: the "compiled" tanh method of the CPU kernels (:func:`tanh_`, :func:`try_tanh_`),
+  and the backward's step through it, ``g = (g + g_a) * (1 - a^2)`` of a block in one pass
+  (:func:`try_tanh_backward_`);
 - ``attn.c``: the whole forward and the whole backward of a float32 call (:func:`try_attn`,
   :func:`try_attn_backward`), in one C call each: no aten op's cost per call, products near
   the core's peak, causal blocks that stop at the diagonal; and decoding steps, float32 or
@@ -55,6 +57,7 @@ __all__ = [
     "try_attn_backward",
     "try_decode",
     "try_tanh_",
+    "try_tanh_backward_",
     "unavailable_reason",
     "vector_floats",
 ]
@@ -89,6 +92,7 @@ _ATTEMPTS: tuple[list[str], ...] = (["-fopenmp"], [], ["-DTA_NO_CLONES"])
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
 _BUILD_TIMEOUT_S = 120
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def _compiler() -> str | None:
@@ -177,6 +181,37 @@ def _check(function: ctypes._CFuncPtr) -> str | None:  # type: ignore[name-defin
     nan = torch.tensor([float("nan")])
     function(nan.data_ptr(), 1, 1, 1, 1.0, 1)
     return None if bool(nan.isnan()) else "the compiled tanh does not keep NaN here"
+
+
+def _check_tanh_backward(function: Any) -> str | None:
+    """Why this build's ``(g + g_a) * (1 - a^2)`` is wrong here (None: it is right), float32
+    and bfloat16, with and without ``g_a``, rows strided apart, one thread and two: within
+    the float64 value's rounding to the dtype (one, for bfloat16) and float32's own, NaN
+    kept, and the entries past ``cols`` untouched."""
+    gen = torch.Generator().manual_seed(2)
+    rows, cols = 5, 37
+    for dtype, bf16 in ((torch.float32, 0), (torch.bfloat16, 1)):
+        g, g_a, a = (torch.randn(rows, cols + 3, generator=gen).to(dtype) for _ in range(3))
+        a = a.tanh()
+        g[1, 2] = g_a[3, 4] = float("nan")
+        for with_g_a, threads in ((True, 1), (False, 2)):
+            got = g.clone()
+            function(
+                *_pointers(got, g_a if with_g_a else None, a),
+                rows, cols, cols + 3, cols + 3, cols + 3, bf16, threads,
+            )  # fmt: skip
+            total = (g.double() + (g_a.double() if with_g_a else 0.0))[:, :cols]
+            want = total * (1 - a.double()[:, :cols] ** 2)
+            error = (got[:, :cols].double() - want).abs().nan_to_num(0.0)
+            # (float32's roundings of g + g_a and of a^2 near 1: ulps of the total)
+            bound = torch.finfo(dtype).eps * want.abs() + 4 * _FLOAT32_EPS * total.abs()
+            if (
+                not torch.equal(got[:, :cols].isnan(), want.isnan())
+                or not bool((error <= bound.nan_to_num(0.0)).all())
+                or not torch.equal(got[:, cols:], g[:, cols:])
+            ):
+                return f"the compiled tanh backward is wrong here ({dtype})"
+    return None
 
 
 def _check_attn(attn: Any, backward: Any, vector_floats: int = 8) -> str | None:
@@ -283,6 +318,7 @@ class _Library(NamedTuple):
     """The loaded library's kernels."""
 
     tanh: Any
+    tanh_backward: Any
     narrow: _Kernels  # vectors of 8 floats (attn.c)
     wide: _Kernels  # of 16 (attn_wide.c)
     vector_floats: int  # of the build this CPU runs at full width: 16, 8 or 0 (neither)
@@ -303,6 +339,7 @@ def _load() -> tuple[_Library | None, str | None]:
     try:
         library = ctypes.CDLL(str(path))
         tanh, vector_floats = library.ta_tanh_f32, library.ta_attn_vector_floats
+        tanh_backward = library.ta_tanh_backward
         pairs = library.ta_attn_decode_pairs
         builds = [
             _Kernels(*(getattr(library, f"ta_attn_{part}f32{suffix}") for part in _SYMBOL_PARTS))
@@ -313,6 +350,8 @@ def _load() -> tuple[_Library | None, str | None]:
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     tanh.argtypes = [pointer, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     tanh.restype = None
+    tanh_backward.argtypes = [*[pointer] * 3, *[i64] * 5, ctypes.c_int, ctypes.c_int]
+    tanh_backward.restype = None
     vector_floats.argtypes, vector_floats.restype = [], ctypes.c_int
     pairs.argtypes, pairs.restype = [ctypes.c_int], ctypes.c_int
     for build in builds:
@@ -324,13 +363,14 @@ def _load() -> tuple[_Library | None, str | None]:
     narrow, wide = builds
     bad = (
         _check(tanh)
+        or _check_tanh_backward(tanh_backward)
         or _check_attn(narrow.attn, narrow.backward)
         or _check_attn(wide.attn, wide.backward, vector_floats=16)
         or _check_decode(narrow.decode)
     )
     if bad:
         return None, bad
-    return _Library(tanh, narrow, wide, int(vector_floats()), pairs), None
+    return _Library(tanh, tanh_backward, narrow, wide, int(vector_floats()), pairs), None
 
 
 def decode_pairs(enable: bool | None = None) -> bool:
@@ -452,6 +492,45 @@ def try_tanh_(x: Tensor, scale: float = 1.0) -> Tensor | None:
         assert library is not None
         library.tanh(x.data_ptr(), rows, cols, stride, scale, torch.get_num_threads())
     return x
+
+
+def _rows(x: Tensor) -> tuple[int, int, int] | None:
+    """``(rows, cols, row stride)`` of x (at least 2-d) as rows of its last dim, each
+    contiguous, one stride apart (its leading dims collapse onto the rows), or None."""
+    if x.dim() < 2 or (x.shape[-1] > 1 and x.stride(-1) != 1):
+        return None
+    for i in range(x.dim() - 3, -1, -1):  # each leading dim: its rows follow on
+        if x.shape[i] > 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
+            return None
+    return x.numel() // max(1, x.shape[-1]), x.shape[-1], x.stride(-2)
+
+
+def try_tanh_backward_(g: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor | None:
+    """In place: ``g = (g + g_a) * (1 - a^2)`` of one block (``g_a`` None: no term) by the
+    compiled kernel, in float32 and, for bfloat16 blocks, rounded once; or None, ``g``
+    untouched, where the kernel cannot serve (not loaded, another dtype or device, a layout
+    it does not walk: see ``_layout``). The drivers' blocks are ``(G, rows, cols)`` with
+    contiguous rows; ``g`` is the block's own buffer, which no other operand overlaps."""
+    library = _load()[0]
+    if (
+        library is None
+        or g.dtype not in (torch.float32, torch.bfloat16)
+        or g.device.type != "cpu"
+        or any(t is not None and (t.dtype != g.dtype or t.shape != g.shape) for t in (g_a, a))
+        or a.device.type != "cpu"
+        or (g_a is not None and g_a.device.type != "cpu")
+    ):
+        return None
+    layouts = [_rows(t) for t in (g, a, g_a if g_a is not None else g)]
+    if any(layout is None for layout in layouts):
+        return None
+    (rows, cols, ldg), (_, _, lda), (_, _, ldg_a) = layouts  # type: ignore[misc]
+    if rows * cols:
+        library.tanh_backward(
+            *_pointers(g, g_a, a), rows, cols, ldg, ldg_a, lda,
+            int(g.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+    return g
 
 
 class _Call(NamedTuple):

@@ -1,4 +1,5 @@
-/* tanh(alpha * x) of float32 scores, in place: the CPU kernels' "compiled" tanh method.
+/* tanh(alpha * x) of float32 scores, in place: the CPU kernels' "compiled" tanh method; and
+ * its derivative's step of the backward, g = (g + g_a) * (1 - a^2), in one pass.
  *
  * Why it exists: on CPUs without a fast tanh in PyTorch (torch.tanh costs 3.0 ns an entry on
  * the AVX2 AMD EPYC of benchmarks/RESULTS.md, 2 * sigmoid(2x) - 1 1.2) tanh costs a quarter
@@ -10,6 +11,7 @@
  * The method (rational, with one division) and its accuracy: native.h, which attn.c shares.
  */
 #include <stdint.h>
+#include <string.h>
 
 #include "native.h"
 
@@ -52,4 +54,70 @@ void ta_tanh_f32(float *x, int64_t rows, int64_t cols, int64_t row_stride, float
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && rows * cols >= TA_PARALLEL_MIN)
 #endif
     for (int64_t r = 0; r < rows; r++) tanh_span(x + r * row_stride, cols, alpha);
+}
+
+/* The backward's score gradient of one block, before its mask: g = (g + g_a) * (1 - a^2),
+ * in place, for float32 or (bf16) bfloat16 blocks, computed in float32 and rounded once.
+ *
+ * Why it exists: for bfloat16 blocks (kernels/blockwise.py keeps them bfloat16 where the CPU
+ * multiplies them natively) aten takes two passes, g += g_a and tanh_backward, each
+ * rounding to bfloat16, at 100-110 us a 512 x 1024 block on the AMD EPYC with AVX512-BF16
+ * of benchmarks/RESULTS.md (a dozen times what their memory takes); in situ, the two
+ * took 430 us of a block's 2.4 ms backward. */
+static inline float from_bf16(uint16_t x) {
+    const uint32_t word = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &word, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, NaN to the quiet NaN 0x7fc0: as PyTorch's float-to-bfloat16. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t word;
+    memcpy(&word, &f, sizeof word);
+    const uint32_t rounded = (word + 0x7fffu + ((word >> 16) & 1u)) >> 16;
+    return f != f ? (uint16_t)0x7fc0u : (uint16_t)rounded;
+}
+
+TA_CLONES
+static void tanh_backward_row(void *g, const void *g_a, const void *a, int64_t cols, int bf16) {
+    if (bf16) {
+        uint16_t *restrict gr = g;
+        const uint16_t *restrict ar = a, *restrict gar = g_a;
+        if (gar) {
+            for (int64_t j = 0; j < cols; j++) {
+                const float w = from_bf16(ar[j]);
+                gr[j] = to_bf16((from_bf16(gr[j]) + from_bf16(gar[j])) * (1.0f - w * w));
+            }
+        } else {
+            for (int64_t j = 0; j < cols; j++) {
+                const float w = from_bf16(ar[j]);
+                gr[j] = to_bf16(from_bf16(gr[j]) * (1.0f - w * w));
+            }
+        }
+        return;
+    }
+    float *restrict gr = g;
+    const float *restrict ar = a, *restrict gar = g_a;
+    if (gar) {
+        for (int64_t j = 0; j < cols; j++) gr[j] = (gr[j] + gar[j]) * (1.0f - ar[j] * ar[j]);
+    } else {
+        for (int64_t j = 0; j < cols; j++) gr[j] = gr[j] * (1.0f - ar[j] * ar[j]);
+    }
+}
+
+/* Rows r < rows of g (row stride ldg), g_a (lda_g; NULL: no term) and a (lda): each row's
+ * cols entries contiguous, g's rows not overlapping g_a's or a's; float32 or (bf16)
+ * bfloat16; on up to `threads` threads (OpenMP builds; others run one). */
+void ta_tanh_backward(void *g, const void *g_a, const void *a, int64_t rows, int64_t cols,
+                      int64_t ldg, int64_t ldg_a, int64_t lda, int bf16, int threads) {
+    const int64_t size = bf16 ? 2 : 4;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && rows * cols >= TA_PARALLEL_MIN)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        tanh_backward_row((char *)g + r * ldg * size,
+                          g_a ? (const char *)g_a + r * ldg_a * size : NULL,
+                          (const char *)a + r * lda * size, cols, bf16);
+    }
 }
