@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -576,12 +577,29 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, decode: bool = False)
         or not (q.is_cpu and k.is_cpu and v.is_cpu)
         or not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
         or not abs(scale) <= _FLOAT32_MAX
-        or q.dim() < 2
-        or k.dim() != q.dim()
-        or v.dim() != q.dim()
     ):
         return None
-    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    sizes = _sizes(q.shape, k.shape, v.shape, decode, torch.get_num_threads())
+    if sizes is None:
+        return None
+    batch, groups, n, m, d, e, threads = sizes
+    # (a decoding step's queries are one panel of the 8-float build)
+    kernels = library.wide if not decode and _use_wide(library, d, e, m) else library.narrow
+    return _Call(kernels, batch, groups, n, m, d, e, threads)
+
+
+_Sizes = tuple[torch.Size, int, int, int, int, int, int]
+
+
+@functools.lru_cache(maxsize=1024)
+def _sizes(
+    q_shape: torch.Size, k_shape: torch.Size, v_shape: torch.Size, decode: bool, threads: int
+) -> _Sizes | None:
+    """For :func:`_served`, inputs of these shapes: ``(batch, groups, n, m, d, e, threads)``
+    where attn.c serves them, else None. (Cached: the smallest calls take microseconds, a
+    share of which these checks were.)"""
+    if len(q_shape) < 2 or len(k_shape) != len(q_shape) or len(v_shape) != len(q_shape):
+        return None
     batch = q_shape[:-2]
     n, d, m, e = q_shape[-2], q_shape[-1], v_shape[-2], v_shape[-1]
     if (
@@ -594,11 +612,9 @@ def _served(q: Tensor, k: Tensor, v: Tensor, scale: float, decode: bool = False)
         or (decode and n > DECODE_MAX_QUERIES)
     ):
         return None
-    groups = q.numel() // (n * d)
-    threads = torch.get_num_threads() if groups * n * m * (d + e) >= PARALLEL_MIN else 1
-    # (a decoding step's queries are one panel of the 8-float build)
-    kernels = library.wide if not decode and _use_wide(library, d, e, m) else library.narrow
-    return _Call(kernels, batch, groups, n, m, d, e, threads)
+    groups = math.prod(batch)
+    threads = threads if groups * n * m * (d + e) >= PARALLEL_MIN else 1
+    return batch, groups, n, m, d, e, threads
 
 
 def serves(q: Tensor, k: Tensor, v: Tensor, scale: float) -> bool:
