@@ -619,7 +619,10 @@ def test_own_batch_dims_of_v_and_mask(shapes: Any, causal: str) -> None:
     ids=["float32", "bfloat16", "float16"],
 )
 @pytest.mark.parametrize("need_weights", [True, False], ids=["o_a", "o_only"])
-def test_low_precision(dtype: torch.dtype, tol: float, need_weights: bool, method: str) -> None:
+@pytest.mark.parametrize("causal", ["none", "top_left"])
+def test_low_precision(
+    dtype: torch.dtype, tol: float, need_weights: bool, causal: str, method: str
+) -> None:
     """Over 2000 keys, outputs and gradients in a low precision are at least as accurate as
     the composite's in that dtype (half types accumulate in float32), or within tol, with
     every block method. In float32 "as accurate" means within 4 times the composite's error:
@@ -628,17 +631,28 @@ def test_low_precision(dtype: torch.dtype, tol: float, need_weights: bool, metho
     up to 2**-22 a weight where tanh's rounding is at most 2**-25 (kernels/cpu.py). A wrong
     formula, mask or block is off by far more."""
     factor = 4.0 if dtype == torch.float32 else 1.5
-    q, k, v, mask = _inputs(((2, 40, 16), (2000, 16), (2000, 8), (40, 2000)), dtype)
+    # (causal: blocks above the diagonal skipped, no mask, each problem its own k and v, so
+    # that g_v is summed block by block for each)
+    shapes = (
+        ((2, 40, 16), (2000, 16), (2000, 8), (40, 2000))
+        if causal == "none"
+        else ((2, 40, 16), (2, 2000, 16), (2, 2000, 8), None)
+    )
+    q, k, v, mask = _inputs(shapes, dtype)
     leaves = [x.requires_grad_() for x in (q / 4, k, v)]
-    o, a = blockwise.forward(*leaves, mask, 0.5, need_weights=need_weights, block_rows=16)
-    o_comp, a_comp = torch.ops.tanh_attention.attn_composite(*leaves, mask, 0.5)
+    o, a = blockwise.forward(
+        *leaves, mask, 0.5, causal, need_weights=need_weights, block_rows=16, block_cols=500
+    )
+    o_comp, a_comp = torch.ops.tanh_attention.attn_composite(*leaves, mask, 0.5, causal)
     exact = [x.detach().double().requires_grad_() for x in leaves]
-    o_ref, a_ref = reference(*exact, mask, 0.5)
+    o_ref, a_ref = reference(*exact, mask, 0.5, causal)
     g_o = torch.randn_like(o_ref)
     # (with the weights, a gradient for them too: (g_o v^T + g_a) (1 - a^2) in one pass)
     g_a = torch.randn_like(a_ref) if need_weights else None
     g_a_low = None if g_a is None else g_a.to(dtype)
-    grads = blockwise.backward(g_o.to(dtype), g_a_low, *leaves, a, mask, 0.5, block_rows=16)
+    grads = blockwise.backward(
+        g_o.to(dtype), g_a_low, *leaves, a, mask, 0.5, causal, block_rows=16, block_cols=500
+    )
     if need_weights:
         grads_comp = torch.autograd.grad((o_comp, a_comp), leaves, (g_o.to(dtype), g_a_low))
         grads_ref = torch.autograd.grad((o_ref, a_ref), exact, (g_o, g_a))

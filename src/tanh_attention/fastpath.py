@@ -63,7 +63,9 @@ def attn(
     rank = len(q_shape)
     # (one comparison where q, k and v have one shape, as in self-attention: the slices of
     # torch.Size below cost a microsecond, a share of the smallest calls)
-    if rank < 2 or not (q_shape == k_shape == v_shape) and (
+    if rank < 2:
+        return None
+    if not (q_shape == k_shape == v_shape) and (
         len(k_shape) != rank
         or len(v_shape) != rank
         or q_shape[:-2] != k_shape[:-2]

@@ -936,6 +936,18 @@ def backward(
         g_q3 = None if g_q is None else g_q.view(p.size, p.n, p.d)
         g_k3 = None if g_k is None else g_k.view(p.size, p.m, p.d)
         g_v3 = None if g_v is None else g_v.view(p.size, p.m, p.e)
+        if (
+            g_v is not None
+            and p.native
+            and not p.skip
+            and isinstance(a3, Tensor)
+            and isinstance(g_o3, Tensor)
+        ):
+            # bfloat16 blocks, the saved a, no blocks skipped: g_v = a^T g_o in one product
+            # (a is what multiplied v: masked, dropped and scaled), which reads a as it is:
+            # block by block oneDNN copied each block of a^T (n = m = 4096, one thread, the
+            # backward 65-69 ms against 63-65; benchmarks/RESULTS.md).
+            g_v, g_v3 = torch.bmm(g_o3.mT, a3).mT.reshape(*p.batch, p.m, p.e), None
         prescale = a3 is not None or p.prescale(q, k)
         drop_scale = 1.0 if dropout is None else dropout.scale
         for t in p.tiles():
