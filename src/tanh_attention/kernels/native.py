@@ -510,7 +510,7 @@ def try_tanh_backward_(g: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor | Non
     """In place: ``g = (g + g_a) * (1 - a^2)`` of one block (``g_a`` None: no term) by the
     compiled kernel, in float32 and, for bfloat16 blocks, rounded once; or None, ``g``
     untouched, where the kernel cannot serve (not loaded, another dtype or device, a layout
-    it does not walk: see ``_layout``). The drivers' blocks are ``(G, rows, cols)`` with
+    it does not walk: see ``_rows``). The drivers' blocks are ``(G, rows, cols)`` with
     contiguous rows; ``g`` is the block's own buffer, which no other operand overlaps."""
     library = _load()[0]
     if (
