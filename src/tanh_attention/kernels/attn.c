@@ -510,11 +510,7 @@ static inline __attribute__((always_inline)) vec load_row(const void *x, int64_t
 /* Entry `at` of x, float32 or with B, bfloat16. */
 static inline __attribute__((always_inline)) float load_one(const void *x, int64_t at,
                                                             const int B) {
-    if (!B) return ((const float *)x)[at];
-    const uint32_t word = (uint32_t)((const uint16_t *)x)[at] << 16;
-    float f;
-    memcpy(&f, &word, sizeof f);
-    return f;
+    return B ? ta_from_bf16(((const uint16_t *)x)[at]) : ((const float *)x)[at];
 }
 
 /* The sum of v's lanes, halves added pairwise (a tree, not a chain of VF additions, each

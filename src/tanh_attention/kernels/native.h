@@ -16,6 +16,9 @@
 #ifndef TA_NATIVE_H
 #define TA_NATIVE_H
 
+#include <stdint.h>
+#include <string.h>
+
 /* One build runs the widest vector unit of the CPU it finds (GCC and Clang on x86-64 pick a
  * clone at load time), so a cached library is safe on any x86-64 machine. The AVX-512 clone
  * is x86-64-v4, not "avx512f" alone: that one lacks FMA and AVX512VL, so its 256-bit
@@ -40,6 +43,14 @@ static inline float ta_tanh(float u) {
     b = b * y2 + 1.0f;
     float ya = y * a; /* tanh(y) = ya / b */
     return u * a * b / (b * b + ya * ya);
+}
+
+/* A bfloat16 value (its bits) as float32: a bfloat16 is the top half of a float32. */
+static inline float ta_from_bf16(uint16_t x) {
+    const uint32_t word = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &word, sizeof f);
+    return f;
 }
 
 #endif

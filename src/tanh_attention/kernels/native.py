@@ -430,17 +430,19 @@ def unavailable_reason() -> str | None:
     return _load()[1]
 
 
-def _layout(x: Tensor) -> tuple[int, int, int] | None:
-    """``(rows, cols, row stride)`` of x's entries as the kernel walks them, or None."""
+def _rows(x: Tensor) -> tuple[int, int, int] | None:
+    """``(rows, cols, row stride)`` of x's entries as the kernels walk them: rows of its last
+    dim, each contiguous, one stride apart (leading dims collapse onto the rows; a vector is
+    one row), or None."""
+    cols = x.shape[-1] if x.dim() else 1
     if x.is_contiguous():
-        return 1, x.numel(), x.numel()
-    if (
-        x.dim() == 3
-        and x.stride(2) == 1
-        and (x.shape[0] == 1 or x.stride(0) == x.stride(1) * x.shape[1])
-    ):
-        return x.shape[0] * x.shape[1], x.shape[2], x.stride(1)
-    return None
+        return x.numel() // max(1, cols), cols, cols
+    if x.dim() < 2 or (cols > 1 and x.stride(-1) != 1):
+        return None
+    for i in range(x.dim() - 3, -1, -1):  # each leading dim: its rows follow on
+        if x.shape[i] > 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
+            return None
+    return x.numel() // max(1, cols), cols, x.stride(-2)
 
 
 def tanh_(x: Tensor, scale: float = 1.0) -> Tensor:
@@ -484,7 +486,7 @@ def try_tanh_(x: Tensor, scale: float = 1.0) -> Tensor | None:
     """:func:`tanh_` for a caller that has checked the rest (the kernel loaded, ``x`` float32
     on the CPU, the scale in range): ``x``, or None, untouched, where its layout is not one
     the kernel walks. (A small call's blocks take microseconds: the checks are not repeated.)"""
-    layout = _layout(x)
+    layout = _rows(x)
     if layout is None:
         return None
     rows, cols, stride = layout
@@ -493,17 +495,6 @@ def try_tanh_(x: Tensor, scale: float = 1.0) -> Tensor | None:
         assert library is not None
         library.tanh(x.data_ptr(), rows, cols, stride, scale, torch.get_num_threads())
     return x
-
-
-def _rows(x: Tensor) -> tuple[int, int, int] | None:
-    """``(rows, cols, row stride)`` of x (at least 2-d) as rows of its last dim, each
-    contiguous, one stride apart (its leading dims collapse onto the rows), or None."""
-    if x.dim() < 2 or (x.shape[-1] > 1 and x.stride(-1) != 1):
-        return None
-    for i in range(x.dim() - 3, -1, -1):  # each leading dim: its rows follow on
-        if x.shape[i] > 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
-            return None
-    return x.numel() // max(1, x.shape[-1]), x.shape[-1], x.stride(-2)
 
 
 def try_tanh_backward_(g: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor | None:

@@ -56,21 +56,6 @@ void ta_tanh_f32(float *x, int64_t rows, int64_t cols, int64_t row_stride, float
     for (int64_t r = 0; r < rows; r++) tanh_span(x + r * row_stride, cols, alpha);
 }
 
-/* The backward's score gradient of one block, before its mask: g = (g + g_a) * (1 - a^2),
- * in place, for float32 or (bf16) bfloat16 blocks, computed in float32 and rounded once.
- *
- * Why it exists: for bfloat16 blocks (kernels/blockwise.py keeps them bfloat16 where the CPU
- * multiplies them natively) aten takes two passes, g += g_a and tanh_backward, each
- * rounding to bfloat16, at 100-110 us a 512 x 1024 block on the AMD EPYC with AVX512-BF16
- * of benchmarks/RESULTS.md (a dozen times what their memory takes); in situ, the two
- * took 430 us of a block's 2.4 ms backward. */
-static inline float from_bf16(uint16_t x) {
-    const uint32_t word = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &word, sizeof f);
-    return f;
-}
-
 /* Round to nearest even, NaN to the quiet NaN 0x7fc0: as PyTorch's float-to-bfloat16. */
 static inline uint16_t to_bf16(float f) {
     uint32_t word;
@@ -79,6 +64,14 @@ static inline uint16_t to_bf16(float f) {
     return f != f ? (uint16_t)0x7fc0u : (uint16_t)rounded;
 }
 
+/* The backward's score gradient of one block, before its mask: g = (g + g_a) * (1 - a^2),
+ * in place, for float32 or (bf16) bfloat16 blocks, computed in float32 and rounded once.
+ *
+ * Why it exists: for bfloat16 blocks (kernels/blockwise.py keeps them bfloat16 where the CPU
+ * multiplies them natively) aten takes two passes, g += g_a and tanh_backward, each
+ * rounding to bfloat16, at 100-110 us a 512 x 1024 block on the AMD EPYC with AVX512-BF16
+ * of benchmarks/RESULTS.md, 379 us in situ (cold strided blocks of a and g_a), where this
+ * pass takes 232. */
 TA_CLONES
 static void tanh_backward_row(void *g, const void *g_a, const void *a, int64_t cols, int bf16) {
     if (bf16) {
@@ -86,13 +79,13 @@ static void tanh_backward_row(void *g, const void *g_a, const void *a, int64_t c
         const uint16_t *restrict ar = a, *restrict gar = g_a;
         if (gar) {
             for (int64_t j = 0; j < cols; j++) {
-                const float w = from_bf16(ar[j]);
-                gr[j] = to_bf16((from_bf16(gr[j]) + from_bf16(gar[j])) * (1.0f - w * w));
+                const float w = ta_from_bf16(ar[j]);
+                gr[j] = to_bf16((ta_from_bf16(gr[j]) + ta_from_bf16(gar[j])) * (1.0f - w * w));
             }
         } else {
             for (int64_t j = 0; j < cols; j++) {
-                const float w = from_bf16(ar[j]);
-                gr[j] = to_bf16(from_bf16(gr[j]) * (1.0f - w * w));
+                const float w = ta_from_bf16(ar[j]);
+                gr[j] = to_bf16(ta_from_bf16(gr[j]) * (1.0f - w * w));
             }
         }
         return;
