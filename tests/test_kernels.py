@@ -614,14 +614,25 @@ def test_own_batch_dims_of_v_and_mask(shapes: Any, causal: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "tol"),
-    [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)],
-    ids=["float32", "bfloat16", "float16"],
+    ("dtype", "tol", "pairs"),
+    [
+        (torch.float32, 1e-6, True),
+        (torch.bfloat16, 1e-2, True),
+        (torch.bfloat16, 1e-2, False),
+        (torch.float16, 2e-3, True),
+    ],
+    ids=["float32", "bfloat16", "bfloat16_no_pairs", "float16"],
 )
 @pytest.mark.parametrize("need_weights", [True, False], ids=["o_a", "o_only"])
 @pytest.mark.parametrize("causal", ["none", "top_left"])
 def test_low_precision(
-    dtype: torch.dtype, tol: float, need_weights: bool, causal: str, method: str
+    dtype: torch.dtype,
+    tol: float,
+    need_weights: bool,
+    causal: str,
+    pairs: bool,
+    method: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Over 2000 keys, outputs and gradients in a low precision are at least as accurate as
     the composite's in that dtype (half types accumulate in float32), or within tol, with
@@ -629,7 +640,9 @@ def test_low_precision(
     that error is the products' rounding over 2000 keys, which differs with the kernel's
     order of summation (MKL's, oneDNN's), and the "sigmoid" tanh adds an absolute error of
     up to 2**-22 a weight where tanh's rounding is at most 2**-25 (kernels/cpu.py). A wrong
-    formula, mask or block is off by far more."""
+    formula, mask or block is off by far more. bfloat16 blocks run with and without
+    AVX512-BF16's pairs (``native.try_pairs_block``), where this CPU has them."""
+    monkeypatch.setattr(native, "_pairs_wanted", pairs)
     factor = 4.0 if dtype == torch.float32 else 1.5
     # (causal: blocks above the diagonal skipped, no mask, each problem its own k and v, so
     # that g_v is summed block by block for each)

@@ -274,3 +274,106 @@ def test_tanh_backward_refuses_what_it_cannot_walk_and_the_blocks_fall_back() ->
     g_a = torch.randn(3, 4, 5)
     want = (g.double() + g_a.double()) * (1 - a.double() ** 2)
     torch.testing.assert_close(cpu_kernels.tanh_backward_(g, g_a, a).double(), want)
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16 blocks by AVX512-BF16 pairs (pairs.c)
+# --------------------------------------------------------------------------------------------
+
+needs_pairs = pytest.mark.skipif(
+    not native.block_pairs(),
+    reason="no AVX512-BF16 here (or the compiled kernels are unavailable): pairs.c never runs",
+)
+
+
+@needs_pairs
+@pytest.mark.parametrize("epilogue", ["plain", "tanh", "backward", "backward_no_g_a"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["one", "shared_y", "own_y"])
+def test_pairs_block_against_float64(
+    epilogue: str, threads: int, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """f(alpha x y^T) of bfloat16 blocks read from larger matrices (rows strided apart),
+    written into a block of a larger one: sizes no multiple of the register block (6 rows,
+    64 columns), enough work to split over threads, one problem or three (y shared or each
+    its own), a NaN and an infinity among the inputs: within one bfloat16 rounding of the
+    float64 value of the same inputs, plus float32's rounding of the sums; the entries
+    around the output untouched."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(7)
+    groups, d = (1, 64) if layout == "one" else (3, 24)
+    rows, cols, alpha = 131, 197, 0.3
+
+    def block(*shape: int, pad: tuple[int, int] = (3, 5)) -> torch.Tensor:
+        big = torch.randn(shape[0], shape[1] + pad[0], shape[2] + pad[1], generator=gen)
+        return big.bfloat16()[:, pad[0] :, pad[1] :]
+
+    x = block(groups, rows, d)
+    y = block(1 if layout == "shared_y" else groups, cols, d)
+    a = block(groups, rows, cols).tanh()
+    g_a = block(groups, rows, cols)
+    x[0, 5, 3], g_a[-1, 7, 100] = float("nan"), float("inf")
+    big_out = torch.zeros(groups, rows + 2, cols + 9, dtype=torch.bfloat16)
+    out = big_out[:, 1:-1, 4:-5]
+    s = alpha * x.double() @ y.double().mT
+    terms = alpha * x.double().abs() @ y.double().abs().mT
+    kwargs: dict[str, object] = {}
+    if epilogue == "plain":
+        want = s
+    elif epilogue == "tanh":
+        want, kwargs = s.tanh(), {"tanh": True}
+    else:
+        with_g_a = epilogue == "backward"
+        total = s + g_a.double() if with_g_a else s
+        want = total * (1 - a.double() ** 2)
+        kwargs = {"a": a, "g_a": g_a if with_g_a else None}
+    got = native.try_pairs_block(x, y, alpha, out=out, **kwargs)  # type: ignore[arg-type]
+    assert got is out
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = want.isfinite()
+    assert torch.equal(got[~finite & ~want.isnan()].double(), want[~finite & ~want.isnan()])
+    bound = 2.0**-8 * want.abs() + 8 * d * torch.finfo(torch.float32).eps * terms
+    error = (got.double() - want).abs()
+    assert (error[finite] <= bound[finite]).all(), error[finite].max()
+    around = big_out.clone()
+    around[:, 1:-1, 4:-5] = 0
+    assert not around.any(), "it wrote outside its block"
+
+
+@needs_compiled
+def test_pairs_block_refuses_what_it_cannot_serve() -> None:
+    """Another dtype, d odd, rows not contiguous, shapes that disagree, or turned off: None
+    and nothing written. (Where the CPU lacks AVX512-BF16 every call is refused.)"""
+    x, y = torch.randn(2, 7, 8).bfloat16(), torch.randn(2, 9, 8).bfloat16()
+    out = torch.zeros(2, 7, 9, dtype=torch.bfloat16)
+    for args in (
+        (x.float(), y.float()),
+        (x[..., :7], y[..., :7]),
+        (x.mT.contiguous().mT, y),
+        (x, y[:1].expand(3, -1, -1)),
+    ):
+        assert native.try_pairs_block(*args, 1.0, out=out) is None
+    assert native.try_pairs_block(x, y, 1.0, a=torch.zeros(2, 7, 8).bfloat16()) is None
+    was = native.block_pairs()
+    try:
+        assert not native.block_pairs(False)
+        assert native.try_pairs_block(x, y, 1.0, out=out) is None
+    finally:
+        native.block_pairs(was)
+    assert not out.any()
+
+
+@needs_pairs
+def test_a_wrong_pairs_build_is_refused() -> None:
+    """The load-time check of pairs.c has teeth: the same kernel with its epilogues swapped
+    fails it, and so does one that writes nothing."""
+    library = native._load()[0]
+    assert library is not None and library.pairs_block is not None
+    assert native._check_pairs(library.pairs_block) is None
+
+    def swapped(*args: object) -> int:
+        *rest, mode, threads = args
+        return int(library.pairs_block(*rest, (int(mode) + 1) % 3, threads))  # type: ignore[call-overload]
+
+    assert "wrong" in str(native._check_pairs(swapped))
+    assert "wrong" in str(native._check_pairs(lambda *args: 0))

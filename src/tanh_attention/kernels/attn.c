@@ -606,21 +606,12 @@ static void mm_cache(lhs x, int bf16, const char *stream, int64_t stream_bytes, 
  * entries are bfloat16 values (as a bfloat16 call's are) and d is even: then each product
  * is exact in float32, as when the entries are widened, and only the order of the float32
  * additions differs (pairs summed first). The weights and o = a v stay float32.
- * Only the 8-float build of an x86-64 GCC 11 or clang 12 and later has it (older ones lack
- * the intrinsics or the CPU test, and the whole library would fail to build); elsewhere
+ * Only the 8-float build has it, where native.h's TA_PAIRS says the compiler does; elsewhere
  * PAIRS is 0. A product sums all d terms in order, without CHUNK's pieces (d is a head's
  * size, not a sequence's). */
-#if defined(__clang__)
-#define PAIRS_COMPILER (__clang_major__ >= 12)
-#elif defined(__GNUC__)
-#define PAIRS_COMPILER (__GNUC__ >= 11)
-#else
-#define PAIRS_COMPILER 0
-#endif
-#if VF == 8 && defined(__x86_64__) && PAIRS_COMPILER && !defined(TA_NO_CLONES)
+#if VF == 8 && TA_PAIRS
 #include <immintrin.h>
 #define PAIRS 1
-#define PAIRS_TARGET __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f,avx2,fma")))
 
 /* Whether scores_pairs may run: the CPU has AVX512-BF16 and ta_attn_decode_pairs left it
  * on (for measuring and testing both ways). */
@@ -646,7 +637,7 @@ static int pairs_here(void) {
  * qp: entry (p, i) the pair (q[i][2p], q[i][2p + 1]) as one 32-bit word, L words a step.
  * R keys at a time by 16 queries in 12 float32 accumulators, as mm's blocks; prefetches
  * stream_bytes from `stream` (or NULL) spread over its steps, as mm_cache does. */
-PAIRS_TARGET
+TA_PAIRS_TARGET
 static void scores_pairs(const uint16_t *k, int64_t keys, int64_t d, const uint32_t *qp,
                          float *restrict st, const char *stream, int64_t stream_bytes) {
     const int64_t half = d / 2, blocks = (keys + R - 1) / R;

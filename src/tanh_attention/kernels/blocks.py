@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = [
     "AddProduct",
     "MatmulT",
+    "ScoreGrad",
     "TanhBackward",
     "add_product_",
     "forward_block_",
@@ -50,6 +51,9 @@ MatmulT = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 AddProduct = Callable[..., Tensor]
 # ``tanh_backward(g, g_a, a)``: :func:`tanh_backward_`'s contract.
 TanhBackward = Callable[[Tensor, "Tensor | None", Tensor], Tensor]
+# ``score_grad(x, y, g_a, a)``: ``(x @ y^T + g_a) * (1 - a^2)`` in a new tensor in one pass, or
+# None where it does not serve (the product and ``tanh_backward`` then run apart).
+ScoreGrad = Callable[[Tensor, Tensor, "Tensor | None", Tensor], "Tensor | None"]
 
 
 def tanh_backward_(g: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor:
@@ -171,6 +175,7 @@ def vjp_block_(
     first_cols: bool = False,
     add_product: AddProduct = add_product_,
     tanh_backward: TanhBackward = tanh_backward_,
+    score_grad: ScoreGrad | None = None,
 ) -> None:
     """One block of ``formulas.vjp``, accumulated into the gradient buffers::
 
@@ -206,6 +211,8 @@ def vjp_block_(
         add_product: computes ``acc (+)= alpha * x @ y`` (default :func:`add_product_`).
         tanh_backward: computes ``g = (g + g_a) * (1 - a^2)`` in place (default
             :func:`tanh_backward_`).
+        score_grad: None, or computes ``g_x`` before its mask in one pass where it can
+            (:data:`ScoreGrad`; not with dropout, whose factors come between).
     """
     # a_rc, g_rc, dropout_rc: views of the blocks as (rows, cols), however they are held.
     a_rc = a.mT if transposed else a
@@ -216,12 +223,17 @@ def vjp_block_(
             g = g_a if dropout is None else g_a * dropout
             g = torch.ops.aten.tanh_backward(g, a)
         else:
-            g = matmul_t(v, g_o, None) if transposed else matmul_t(g_o, v, None)
-            if dropout is not None:
-                if g_a is not None:
-                    g.add_(g_a)
-                g, g_a = g.mul_(dropout), None
-            tanh_backward(g, g_a, a)
+            x, y = (v, g_o) if transposed else (g_o, v)
+            fused = None if score_grad is None or dropout is not None else score_grad(x, y, g_a, a)
+            if fused is not None:
+                g = fused
+            else:
+                g = matmul_t(x, y, None)
+                if dropout is not None:
+                    if g_a is not None:
+                        g.add_(g_a)
+                    g, g_a = g.mul_(dropout), None
+                tanh_backward(g, g_a, a)
         keep_block_(g, causal_diagonal=causal_diagonal, attn_mask=attn_mask, transposed=transposed)
         g_rc = g.mT if transposed else g
         if g_q is not None:

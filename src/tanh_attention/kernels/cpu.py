@@ -85,6 +85,7 @@ __all__ = [
     "matmul_t",
     "product_method",
     "scaled_tanh_",
+    "score_grad",
     "scores_tanh",
     "tanh_",
     "tanh_backward_",
@@ -557,6 +558,17 @@ def tanh_backward_(g: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor:
     return g
 
 
+def score_grad(x: Tensor, y: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor | None:
+    """``(x @ y^T + g_a) * (1 - a^2)`` of one bfloat16 block in one pass by AVX512-BF16's
+    pairs (:data:`kernels.blocks.ScoreGrad`'s contract, which ``vjp_block_`` takes it for):
+    the product's sums stay float32 and the result is rounded once, where oneDNN's product
+    rounded ``x @ y^T`` to bfloat16 before :func:`tanh_backward_`'s pass; None where the
+    kernel does not serve (``native.try_pairs_block``)."""
+    if x.dtype != torch.bfloat16:
+        return None
+    return native.try_pairs_block(x, y, 1.0, a=a, g_a=g_a)
+
+
 def _grouped(x: Tensor, y: Tensor) -> bool:
     """Whether the grouped convolution serves ``x @ y^T`` for this block: several problems
     with their own keys, enough entries to pay for a oneDNN call, a dtype the probe accepted."""
@@ -587,8 +599,9 @@ def scores_tanh(
             (tanh stays in oneDNN's epilogue). The caller passes False where ``scale * q``
             could overflow although ``q @ k^T`` does not. The other methods scale the finished
             sums in the product's epilogue either way (``_scaled_product``).
-        out: None, or a contiguous ``(G, n, m)`` tensor of q's dtype to write the result
-            into (and return).
+        out: None, or a ``(G, n, m)`` tensor of q's dtype to write the result into (and
+            return): contiguous, or (a block of a larger matrix) with contiguous rows, which
+            only the bfloat16 blocks by pairs write in place (the other methods copy).
 
     Returns:
         ``(G, n, m)`` in q's dtype, possibly a strided view (each row contiguous). One key
@@ -602,6 +615,15 @@ def scores_tanh(
         >>> bool(torch.allclose(got, torch.tanh(0.5 * q @ k.mT), atol=1e-6))
         True
     """
+    if q.dtype == torch.bfloat16:
+        # AVX512-BF16's pairs with the tanh in the same pass, where this CPU has them
+        # (native.try_pairs_block): 0.57 against oneDNN's 0.66 ms a 1024 x 512 block of d =
+        # 64, one core of the AMD EPYC with AVX512-BF16 (benchmarks/RESULTS.md).
+        done = native.try_pairs_block(q, k, scale, tanh=True, out=out)
+        if done is not None:
+            return done
+    if out is not None and not out.is_contiguous():
+        return out.copy_(scores_tanh(q, k, scale, prescale))
     method = method_name(q.dtype, q.device)
     if method == "onednn" and prescale:
         qs = q * scale if scale != 1.0 else q

@@ -29,6 +29,25 @@
 #define TA_CLONES
 #endif
 
+/* AVX512-BF16's pairs (vdpbf16ps: attn.c's decoding scores, pairs.c's blocks): only an x86-64
+ * GCC 11 or clang 12 and later has the intrinsics and the CPU test (with an older one the
+ * whole library would fail to build); elsewhere TA_PAIRS is 0. Callers check the CPU at run
+ * time. */
+#if defined(__clang__)
+#define TA_PAIRS_COMPILER (__clang_major__ >= 12)
+#elif defined(__GNUC__)
+#define TA_PAIRS_COMPILER (__GNUC__ >= 11)
+#else
+#define TA_PAIRS_COMPILER 0
+#endif
+#if defined(__x86_64__) && TA_PAIRS_COMPILER && !defined(TA_NO_CLONES)
+#define TA_PAIRS 1
+#define TA_PAIRS_TARGET                                                                      \
+    __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512dq,avx512f,avx2,fma")))
+#else
+#define TA_PAIRS 0
+#endif
+
 static inline float ta_tanh(float u) {
     u = u < -10.0f ? -10.0f : (u > 10.0f ? 10.0f : u); /* NaN passes */
     float y = 0.5f * u; /* (the numerator takes u: y of the tiniest u underflows to 0) */
@@ -51,6 +70,14 @@ static inline float ta_from_bf16(uint16_t x) {
     float f;
     memcpy(&f, &word, sizeof f);
     return f;
+}
+
+/* Round to nearest even, NaN to the quiet NaN 0x7fc0: as PyTorch's float-to-bfloat16. */
+static inline uint16_t ta_to_bf16(float f) {
+    uint32_t word;
+    memcpy(&word, &f, sizeof word);
+    const uint32_t rounded = (word + 0x7fffu + ((word >> 16) & 1u)) >> 16;
+    return f != f ? (uint16_t)0x7fc0u : (uint16_t)rounded;
 }
 
 #endif

@@ -9,7 +9,10 @@ cached, loaded with ctypes; where they cannot be, the CPU kernels keep their oth
   the core's peak, causal blocks that stop at the diagonal; and decoding steps, float32 or
   bfloat16, reading the cache once, in place (:func:`try_decode`). ``attn_wide.c`` builds it
   again with vectors of 16 floats, which calls take on CPUs with AVX-512
-  (:func:`vector_floats`).
+  (:func:`vector_floats`);
+- ``pairs.c``: the n x m blocks of bfloat16 calls, ``f(alpha * x @ y^T)`` with the forward's
+  tanh or the backward's ``(s + g_a) * (1 - a^2)`` in the same pass, by AVX512-BF16's
+  bfloat16 pairs, on CPUs that have them (:func:`try_pairs_block`).
 
 Why at run time: the package installs as pure Python (no compiler needed, one wheel for
 every machine), and the kernels are plain C functions with no PyTorch headers, so building
@@ -51,12 +54,14 @@ __all__ = [
     "MAX_KEYS_PER_QUERY",
     "MAX_ULP",
     "PARALLEL_MIN",
+    "block_pairs",
     "decode_pairs",
     "serves",
     "tanh_",
     "try_attn",
     "try_attn_backward",
     "try_decode",
+    "try_pairs_block",
     "try_tanh_",
     "try_tanh_backward_",
     "unavailable_reason",
@@ -84,7 +89,7 @@ DECODE_MAX_QUERIES = 16
 PARALLEL_MIN = 2**20
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "tanh.c", _HERE / "attn.c", _HERE / "attn_wide.c")
+_SOURCES = (_HERE / "tanh.c", _HERE / "attn.c", _HERE / "attn_wide.c", _HERE / "pairs.c")
 _HEADERS = (_HERE / "native.h",)
 _NO_COMPILE_ENV = "TANH_ATTENTION_NO_COMPILE"
 _CACHE_ENV = "TANH_ATTENTION_CACHE"
@@ -94,6 +99,10 @@ _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math
 _BUILD_TIMEOUT_S = 120
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
+# pairs.c's epilogues (its enum)
+_PLAIN, _TANH, _BACKWARD = 0, 1, 2
+# Whether try_pairs_block serves (block_pairs turns it off, to measure and test both ways)
+_pairs_wanted = True
 
 
 def _compiler() -> str | None:
@@ -299,6 +308,52 @@ def _check_decode(decode: Any) -> str | None:
     return None
 
 
+def _check_pairs(pairs_block: Any) -> str | None:
+    """Why this build's bfloat16 blocks by pairs are wrong here (None: they are right),
+    against float64 of the same bfloat16 inputs: each epilogue, sizes that are no multiples
+    of its register block (6 rows, 64 columns), one y shared by two problems and one each,
+    rows strided apart, one thread and two, NaN kept, the memory past each row untouched."""
+    gen = torch.Generator().manual_seed(3)
+    groups, rows, cols, d, alpha = 2, 13, 70, 10, 0.3
+    x = torch.randn(groups, rows, d + 2, generator=gen).bfloat16()[..., :d]
+    y = torch.randn(groups, cols, d, generator=gen).bfloat16()
+    a = torch.randn(groups, rows, cols, generator=gen).tanh().bfloat16()
+    g_a = torch.randn(groups, rows, cols, generator=gen).bfloat16()
+    x[1, 4, 3] = g_a[0, 2, 5] = float("nan")
+    for mode, shared, threads in ((_PLAIN, False, 1), (_TANH, True, 2), (_BACKWARD, False, 2)):
+        ys = y[:1].expand(groups, -1, -1) if shared else y
+        s = alpha * x.double() @ ys.double().mT
+        want = (
+            s
+            if mode == _PLAIN
+            else s.tanh()
+            if mode == _TANH
+            else (s + g_a.double()) * (1 - a.double() ** 2)
+        )
+        out = torch.zeros(groups, rows, cols + 5, dtype=torch.bfloat16)
+        failed = pairs_block(
+            *_pointers(x, ys, out, a, g_a), groups, rows, cols, d,
+            x.stride(1), x.stride(0), d, 0 if shared else cols * d,
+            cols + 5, rows * (cols + 5), cols, rows * cols, cols, rows * cols,
+            alpha, mode, threads,
+        )  # fmt: skip
+        got = out[..., :cols].double()
+        # One bfloat16 rounding of the result, float32's of the sums (|x| |y| terms).
+        terms = alpha * x.double().abs() @ ys.double().abs().mT
+        if mode == _BACKWARD:
+            terms = terms + g_a.double().abs()
+        bound = 2.0**-8 * want.abs() + 8 * d * _FLOAT32_EPS * terms + 1e-30
+        error = (got - want).abs()
+        if (
+            failed
+            or not torch.equal(got.isnan(), want.isnan())
+            or not bool((error.nan_to_num(0.0) <= bound.nan_to_num(0.0)).all())
+            or bool(out[..., cols:].any())
+        ):
+            return f"the compiled bfloat16 blocks by pairs are wrong here (epilogue {mode})"
+    return None
+
+
 def _pointers(*tensors: Tensor | None) -> list[int | None]:
     return [None if t is None else t.data_ptr() for t in tensors]
 
@@ -324,6 +379,7 @@ class _Library(NamedTuple):
     wide: _Kernels  # of 16 (attn_wide.c)
     vector_floats: int  # of the build this CPU runs at full width: 16, 8 or 0 (neither)
     decode_pairs: Any  # ta_attn_decode_pairs of the 8-float build
+    pairs_block: Any  # ta_pairs_block, or None where this CPU or build lacks AVX512-BF16
 
 
 @functools.cache
@@ -342,6 +398,7 @@ def _load() -> tuple[_Library | None, str | None]:
         tanh, vector_floats = library.ta_tanh_f32, library.ta_attn_vector_floats
         tanh_backward = library.ta_tanh_backward
         pairs = library.ta_attn_decode_pairs
+        pairs_block, pairs_available = library.ta_pairs_block, library.ta_pairs_available
         builds = [
             _Kernels(*(getattr(library, f"ta_attn_{part}f32{suffix}") for part in _SYMBOL_PARTS))
             for suffix in ("", "_wide")
@@ -355,6 +412,10 @@ def _load() -> tuple[_Library | None, str | None]:
     tanh_backward.restype = None
     vector_floats.argtypes, vector_floats.restype = [], ctypes.c_int
     pairs.argtypes, pairs.restype = [ctypes.c_int], ctypes.c_int
+    pairs_block.argtypes = [*[pointer] * 5, *[i64] * 14, ctypes.c_float, *[ctypes.c_int] * 2]
+    pairs_block.restype = ctypes.c_int
+    pairs_available.argtypes, pairs_available.restype = [], ctypes.c_int
+    blocks = pairs_block if pairs_available() else None  # (this CPU has AVX512-BF16)
     for build in builds:
         for function, pointers in zip(build, (5, 9, 4), strict=True):
             sizes = [*[i64] * 5, ctypes.c_float, i64, ctypes.c_int]
@@ -368,10 +429,11 @@ def _load() -> tuple[_Library | None, str | None]:
         or _check_attn(narrow.attn, narrow.backward)
         or _check_attn(wide.attn, wide.backward, vector_floats=16)
         or _check_decode(narrow.decode)
+        or (blocks is not None and _check_pairs(blocks))
     )
     if bad:
         return None, bad
-    return _Library(tanh, tanh_backward, narrow, wide, int(vector_floats()), pairs), None
+    return _Library(tanh, tanh_backward, narrow, wide, int(vector_floats()), pairs, blocks), None
 
 
 def decode_pairs(enable: bool | None = None) -> bool:
@@ -523,6 +585,90 @@ def try_tanh_backward_(g: Tensor, g_a: Tensor | None, a: Tensor) -> Tensor | Non
             int(g.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
     return g
+
+
+def block_pairs(enable: bool | None = None) -> bool:
+    """Whether :func:`try_pairs_block` serves bfloat16 blocks here (this CPU has AVX512-BF16
+    and the kernels loaded); with ``enable``, after turning that on or off for this process
+    (on by default; for measuring and testing both ways).
+
+    Example:
+        >>> block_pairs() in (True, False)
+        True
+    """
+    global _pairs_wanted
+    if enable is not None:
+        _pairs_wanted = bool(enable)
+    library = _load()[0]
+    return _pairs_wanted and library is not None and library.pairs_block is not None
+
+
+def try_pairs_block(
+    x: Tensor,
+    y: Tensor,
+    alpha: float,
+    *,
+    tanh: bool = False,
+    a: Tensor | None = None,
+    g_a: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor | None:
+    """One block of a bfloat16 call by ``pairs.c``: ``f(alpha * x @ y^T)`` in float32,
+    rounded to bfloat16 once, where f is tanh (``tanh``), the backward's ``(s + g_a) * (1 -
+    a^2)`` (``a`` given; ``g_a`` None: no term) or nothing.
+
+    Args:
+        x: ``(G, rows, d)``.  y: ``(G, cols, d)`` or ``(1, cols, d)`` (shared).
+        alpha: multiplies the sums (in float32; within its range).
+        tanh, a, g_a: the epilogue; ``a`` and ``g_a`` ``(G, rows, cols)``.
+        out: ``(G, rows, cols)`` to write into (no operand overlaps it), or None: a new one.
+
+    Returns:
+        ``out`` (or the new tensor), or None, nothing written, where the kernel cannot serve:
+        this CPU lacks AVX512-BF16 (:func:`block_pairs`), a tensor is not bfloat16 on the
+        CPU, d is odd, a row is not contiguous, or the shapes disagree.
+    """
+    library = _load()[0]
+    if library is None or library.pairs_block is None or not _pairs_wanted:
+        return None
+    if x.dim() != 3 or y.dim() != 3 or not abs(alpha) <= _FLOAT32_MAX:
+        return None
+    groups, rows, d = x.shape
+    cols = y.shape[1]
+    if y.shape[2] != d or d % 2 or y.shape[0] not in (1, groups):
+        return None
+    if out is None:
+        out = torch.empty(groups, rows, cols, dtype=x.dtype, device=x.device)
+    shape = (groups, rows, cols)
+    tensors = (x, y, out, a, g_a)
+    if any(
+        t is not None
+        and (
+            t.dtype != torch.bfloat16
+            or t.device.type != "cpu"
+            or (t.shape[-1] > 1 and t.stride(-1) != 1)
+            or (i >= 2 and t.shape != shape)
+        )
+        for i, t in enumerate(tensors)
+    ) or (tanh and a is not None):
+        return None
+    mode = _TANH if tanh else _BACKWARD if a is not None else _PLAIN
+
+    def strides(t: Tensor | None) -> tuple[int, int]:
+        return (0, 0) if t is None else (t.stride(1), t.stride(0) if t.shape[0] > 1 else 0)
+
+    if x.numel() and y.numel():
+        failed = library.pairs_block(
+            *_pointers(*tensors), groups, rows, cols, d,
+            *strides(x), *strides(y), *strides(out), *strides(a), *strides(g_a),
+            alpha, mode, torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            return None
+    elif out.numel():
+        # d = 0: every sum is 0
+        return None
+    return out
 
 
 class _Call(NamedTuple):

@@ -56,14 +56,6 @@ void ta_tanh_f32(float *x, int64_t rows, int64_t cols, int64_t row_stride, float
     for (int64_t r = 0; r < rows; r++) tanh_span(x + r * row_stride, cols, alpha);
 }
 
-/* Round to nearest even, NaN to the quiet NaN 0x7fc0: as PyTorch's float-to-bfloat16. */
-static inline uint16_t to_bf16(float f) {
-    uint32_t word;
-    memcpy(&word, &f, sizeof word);
-    const uint32_t rounded = (word + 0x7fffu + ((word >> 16) & 1u)) >> 16;
-    return f != f ? (uint16_t)0x7fc0u : (uint16_t)rounded;
-}
-
 /* The backward's score gradient of one block, before its mask: g = (g + g_a) * (1 - a^2),
  * in place, for float32 or (bf16) bfloat16 blocks, computed in float32 and rounded once.
  *
@@ -80,12 +72,13 @@ static void tanh_backward_row(void *g, const void *g_a, const void *a, int64_t c
         if (gar) {
             for (int64_t j = 0; j < cols; j++) {
                 const float w = ta_from_bf16(ar[j]);
-                gr[j] = to_bf16((ta_from_bf16(gr[j]) + ta_from_bf16(gar[j])) * (1.0f - w * w));
+                const float total = ta_from_bf16(gr[j]) + ta_from_bf16(gar[j]);
+                gr[j] = ta_to_bf16(total * (1.0f - w * w));
             }
         } else {
             for (int64_t j = 0; j < cols; j++) {
                 const float w = ta_from_bf16(ar[j]);
-                gr[j] = to_bf16(ta_from_bf16(gr[j]) * (1.0f - w * w));
+                gr[j] = ta_to_bf16(ta_from_bf16(gr[j]) * (1.0f - w * w));
             }
         }
         return;
