@@ -48,17 +48,25 @@
 #define TA_PAIRS 0
 #endif
 
+/* A's and B's coefficients, highest power first (their constant terms are 1). */
+#define TA_TANH_A3 5.203882062e-06f
+#define TA_TANH_A2 2.512674503e-03f
+#define TA_TANH_A1 1.255203799e-01f
+#define TA_TANH_B3 1.694701191e-04f
+#define TA_TANH_B2 2.213125154e-02f
+#define TA_TANH_B1 4.588533015e-01f
+
 static inline float ta_tanh(float u) {
     u = u < -10.0f ? -10.0f : (u > 10.0f ? 10.0f : u); /* NaN passes */
     float y = 0.5f * u; /* (the numerator takes u: y of the tiniest u underflows to 0) */
     float y2 = y * y;
-    float a = 5.203882062e-06f;
-    a = a * y2 + 2.512674503e-03f;
-    a = a * y2 + 1.255203799e-01f;
+    float a = TA_TANH_A3;
+    a = a * y2 + TA_TANH_A2;
+    a = a * y2 + TA_TANH_A1;
     a = a * y2 + 1.0f;
-    float b = 1.694701191e-04f;
-    b = b * y2 + 2.213125154e-02f;
-    b = b * y2 + 4.588533015e-01f;
+    float b = TA_TANH_B3;
+    b = b * y2 + TA_TANH_B2;
+    b = b * y2 + TA_TANH_B1;
     b = b * y2 + 1.0f;
     float ya = y * a; /* tanh(y) = ya / b */
     return u * a * b / (b * b + ya * ya);
