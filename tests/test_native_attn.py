@@ -383,9 +383,11 @@ def test_declines_what_it_does_not_serve(kind: str, monkeypatch: pytest.MonkeyPa
 # one of attn.c's groups of keys (DECODE_KEYS: 1024, in pieces of 256) or several; enough work
 # for threads (a single problem's keys shared between them, or problems shared).
 DECODE = [
-    ((3,), 1, 40, 7, 9),  # (one or two queries: a dot product per score, see attn.c's FEW)
+    ((3,), 1, 40, 7, 9),  # (one to four queries: a dot product per score, see attn.c's FEW)
     ((2,), 2, 300, 33, 17),
     ((3,), 4, 80, 7, 9),
+    ((2,), 4, 600, 40, 35),  # (bfloat16 rows in pieces of 16 entries, split, then the rest)
+    ((1,), 1, 700, 64, 48),
     ((2, 2), 5, 1100, 16, 20),
     ((1,), 16, 2500, 64, 64),  # threads share its keys
     ((3,), 16, 1500, 32, 32),  # threads share the problems

@@ -496,7 +496,7 @@ static const float *widen(float *buf, const uint16_t *x, int64_t count) {
 /* At most this many queries take few_keys: the panel's products compute L queries for any n
  * (32 x 1 x 4096 x 128, one thread: the same 16 ms for n = 1 to 16), few_keys' cost grows
  * with n (n = 1, 2, 3: 13.4, 16.1, 18.8 ms). */
-#define FEW 2
+#define FEW 4
 
 /* VF entries from x, float32 or with B, bfloat16 (each the top half of its float32). */
 typedef uint16_t halves __attribute__((vector_size(2 * VF)));
@@ -514,53 +514,89 @@ static inline __attribute__((always_inline)) float load_one(const void *x, int64
 }
 
 /* The sum of v's lanes, halves added pairwise (a tree, not a chain of VF additions, each
- * waiting for the last: a decoding step's scores wait for these sums). */
+ * waiting for the last: a decoding step's scores wait for these sums), in registers
+ * (through memory, each sum waited for a store's forwarding). Full-width shuffles: GCC
+ * before 12 has no __builtin_shufflevector, clang no __builtin_shuffle. */
+#if defined(__clang__)
+#define SWAP(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SWAP(v, ...) __builtin_shuffle(v, (bits){__VA_ARGS__})
+#endif
 static inline __attribute__((always_inline)) float hsum(vec v) {
-    float lanes[VF];
-    memcpy(lanes, &v, sizeof lanes);
-    for (int width = VF / 2; width > 0; width /= 2)
-        for (int lane = 0; lane < width; lane++) lanes[lane] += lanes[lane + width];
-    return lanes[0];
+#if VF == 16
+    v += SWAP(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#else
+    v += SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6);
+#endif
+    return v[0];
+}
+#undef SWAP
+
+/* Where entry c of a row of `cols` entries sits when each of its whole pieces of 2 VF
+ * entries is held split (its even entries, then its odd ones; the entries past the last
+ * whole piece as they are): how few_keys holds q's rows and o's for a bfloat16 cache. */
+static inline int64_t split_at(int64_t c, int64_t cols) {
+    const int64_t r = c % (2 * VF);
+    return c >= cols / (2 * VF) * (2 * VF) ? c : c - r + (r % 2 ? VF + r / 2 : r / 2);
 }
 
-/* x . y over d entries, x float32 and y float32 or with B bfloat16 (vectorized over d; a
- * short sum: in any order). */
-static inline __attribute__((always_inline)) float dot(const float *x, const void *y, int64_t d,
-                                                       const int B) {
-    vec s0 = {0}, s1 = {0};
-    int64_t p = 0;
-    for (; p + 2 * VF <= d; p += 2 * VF) {
-        s0 += *(const vecu *)(x + p) * load_row(y, p, B);
-        s1 += *(const vecu *)(x + p + VF) * load_row(y, p + VF, B);
-    }
-    s0 += s1;
-    float sum = hsum(s0);
-    for (; p < d; p++) sum += x[p] * load_one(y, p, B);
-    return sum;
+/* A whole piece of 2 VF bfloat16 entries at x, split: its even entries as one vector of
+ * float32 and its odd ones as another. A 32-bit word holds two entries: the even one in
+ * its low half (shifted up, it is that entry as a float32), the odd one in its high half
+ * (the low half cleared): two operations for two vectors, where widening entries in order
+ * (load_row) takes a zero extension of each half of the piece and a shift. */
+static inline __attribute__((always_inline)) void load_split(const uint16_t *x, vec *even,
+                                                            vec *odd) {
+    bits words;
+    memcpy(&words, x, sizeof words);
+    *even = (vec)(words << 16);
+    *odd = (vec)(words & 0xffff0000u);
 }
 
 /* Keys p0 .. p0 + keys - 1 of one problem (rows kp, vp: float32, or with B, bfloat16 read
- * in place, every entry converted as it is loaded) for n <= FEW queries: pb (n x e) = their
- * weighted rows of v, each score a dot product vectorized over d and each row of v added
- * vectorized over e (a masked weight is 0 and still multiplies its row). In runs of
- * FEW_RUN keys: their scores first, then their weights (the tanh vectorized over the run),
- * then their rows of v. Key by key, each row of v waited for its weight (a dot product's
- * sum, then the tanh): 32 x 1 x 1024 x 128, bfloat16, one thread, 1.31 ms against 1.10
- * for the composite (RESULTS.md). */
+ * in place, every entry converted as it is loaded) for N <= FEW queries: pb (N x e) = their
+ * weighted rows of v. In runs of FEW_RUN keys: their scores first (a row of k loaded once
+ * for the N dot products, each vectorized over d), then their weights (the tanh vectorized
+ * over the run), then their rows of v, each loaded once for the N queries and read from end
+ * to end (a masked weight is 0 and still multiplies its row). With B, q's rows (N x d) and
+ * pb's come split (split_at): then rows of k and v are read by load_split. Key by key, each
+ * row of v waited for its weight (a dot product's sum, then the tanh): 32 x 1 x 1024 x 128,
+ * bfloat16, one thread, 1.31 ms against 1.10 for the composite; and each query loaded and
+ * converted the rows again, so that two queries took twice one's time (RESULTS.md). */
 #define FEW_RUN 64
 static inline __attribute__((always_inline)) void few_keys_of(
     const float *q, const void *kp, const void *vp, int64_t p0, int64_t keys, sizes z,
-    float alpha, int64_t diagonal, float *restrict pb, const int B) {
+    float alpha, int64_t diagonal, float *restrict pb, const int B, const int N) {
     const int64_t size = B ? 2 : 4;
     float w[FEW][FEW_RUN];
-    memset(pb, 0, sizeof(float) * z.n * z.e);
+    memset(pb, 0, sizeof(float) * N * z.e);
     for (int64_t r0 = 0; r0 < keys; r0 += FEW_RUN) {
         const int64_t run = MIN(FEW_RUN, keys - r0);
         for (int64_t p = 0; p < run; p++) {
             const char *kj = (const char *)kp + (r0 + p) * z.d * size;
-            for (int64_t i = 0; i < z.n; i++) w[i][p] = dot(q + i * z.d, kj, z.d, B);
+            vec s[FEW][2] = {{{0}}};
+            int64_t c = 0;
+            for (; c + 2 * VF <= z.d; c += 2 * VF) {
+                vec k0, k1;
+                if (B) load_split((const uint16_t *)kj + c, &k0, &k1);
+                else k0 = load_row(kj, c, 0), k1 = load_row(kj, c + VF, 0);
+                for (int i = 0; i < N; i++) {
+                    s[i][0] += *(const vecu *)(q + i * z.d + c) * k0;
+                    s[i][1] += *(const vecu *)(q + i * z.d + c + VF) * k1;
+                }
+            }
+            for (int i = 0; i < N; i++) {
+                float sum = hsum(s[i][0] + s[i][1]);
+                for (int64_t t = c; t < z.d; t++) sum += q[i * z.d + t] * load_one(kj, t, B);
+                w[i][p] = sum;
+            }
         }
-        for (int64_t i = 0; i < z.n; i++) {
+        for (int i = 0; i < N; i++) {
             /* (keys up to the row's diagonal keep their weight) */
             const int64_t kept = MAX(0, MIN(run, i + diagonal - p0 - r0 + 1));
             for (int64_t p = 0; p < run; p++) w[i][p] = ta_tanh(alpha * w[i][p]);
@@ -568,23 +604,38 @@ static inline __attribute__((always_inline)) void few_keys_of(
         }
         for (int64_t p = 0; p < run; p++) {
             const char *vj = (const char *)vp + (r0 + p) * z.e * size;
-            for (int64_t i = 0; i < z.n; i++) {
-                const float wi = w[i][p];
-                float *oi = pb + i * z.e;
-                int64_t c = 0;
-                for (; c + VF <= z.e; c += VF) *(vecu *)(oi + c) += wi * load_row(vj, c, B);
-                for (; c < z.e; c++) oi[c] += wi * load_one(vj, c, B);
+            int64_t c = 0;
+            for (; c + 2 * VF <= z.e; c += 2 * VF) {
+                vec v0, v1;
+                if (B) load_split((const uint16_t *)vj + c, &v0, &v1);
+                else v0 = load_row(vj, c, 0), v1 = load_row(vj, c + VF, 0);
+                for (int i = 0; i < N; i++) {
+                    *(vecu *)(pb + i * z.e + c) += w[i][p] * v0;
+                    *(vecu *)(pb + i * z.e + c + VF) += w[i][p] * v1;
+                }
             }
+            for (; c < z.e; c++)
+                for (int i = 0; i < N; i++) pb[i * z.e + c] += w[i][p] * load_one(vj, c, B);
         }
     }
 }
 
+/* few_keys_of for this many queries (1 .. FEW), each a function the compiler specializes. */
+#define FEW_KEYS_OF(N)                                                                       \
+    (bf16 ? few_keys_of(q, kp, vp, p0, keys, z, alpha, diagonal, pb, 1, N)                  \
+          : few_keys_of(q, kp, vp, p0, keys, z, alpha, diagonal, pb, 0, N))
+
 TA_CLONES
 static void few_keys(const float *q, const void *kp, const void *vp, int bf16, int64_t p0,
                      int64_t keys, sizes z, float alpha, int64_t diagonal, float *restrict pb) {
-    if (bf16) few_keys_of(q, kp, vp, p0, keys, z, alpha, diagonal, pb, 1);
-    else few_keys_of(q, kp, vp, p0, keys, z, alpha, diagonal, pb, 0);
+    switch (z.n) {
+    case 1: FEW_KEYS_OF(1); break;
+    case 2: FEW_KEYS_OF(2); break;
+    case 3: FEW_KEYS_OF(3); break;
+    default: FEW_KEYS_OF(4); break;
+    }
 }
+#undef FEW_KEYS_OF
 
 /* mm of a decoding step's cache (x: a piece of k or v, read once, float32 or with `bf16`
  * bfloat16: see bf16_entry), prefetching stream_bytes from `stream` (or NULL) while it
@@ -701,6 +752,11 @@ static void decode_keys(const float *q, const void *k, const void *v, int bf16, 
                         int64_t diagonal, decode_scratch w) {
     const int64_t size = bf16 ? 2 : 4;
     const packed qt = z.n <= FEW ? (packed){0} : panels(w.qt, q, z.d, z.d, z.n, 1);
+    /* (few_keys of a bfloat16 cache: q's rows split, as it reads k's and v's; in w.qt) */
+    const int split = bf16 && z.n <= FEW;
+    if (split)
+        for (int64_t i = 0; i < z.n; i++)
+            for (int64_t c = 0; c < z.d; c++) w.qt[i * z.d + split_at(c, z.d)] = q[i * z.d + c];
     /* (pairs: this CPU has scores_pairs; then q's pairs, where q and d allow them) */
     pairs = pairs && bf16 && z.n > FEW && pack_pairs(w.qp, q, z.n, z.d);
     if (j0 >= j1) memset(ot, 0, sizeof(float) * z.e * L); /* (a thread's share of no keys) */
@@ -717,10 +773,10 @@ static void decode_keys(const float *q, const void *k, const void *v, int bf16, 
             const void *vp = wide ? widen(w.v, (const uint16_t *)vb, keys * z.e) : (const void *)vb;
             float *st = w.st;
             if (z.n <= FEW) {
-                few_keys(q, kp, vp, in_place, p0, keys, z, alpha, diagonal, st);
+                few_keys(split ? w.qt : q, kp, vp, in_place, p0, keys, z, alpha, diagonal, st);
                 for (int64_t i = 0; i < z.n; i++) {
                     for (int64_t c = 0; c < z.e; c++) {
-                        const float x = st[i * z.e + c];
+                        const float x = st[i * z.e + (split ? split_at(c, z.e) : c)];
                         sum[c * L + i] = p0 > c0 ? sum[c * L + i] + x : x;
                     }
                 }

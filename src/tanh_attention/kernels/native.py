@@ -284,15 +284,21 @@ def _check_decode(decode: Any) -> str | None:
     diagonal, shares of problems and of keys over two threads, a float32 and a bfloat16
     cache."""
     gen = torch.Generator().manual_seed(1)
-    m, e, scale = 1100, 9, 0.3
-    # (problems, queries, causal diagonal, threads, bfloat16, d); a bfloat16 cache with d
-    # even and q of bfloat16 values takes scores_pairs where the CPU has them.
-    cases = ((3, 5, m, 1, 0, 7), (1, 5, m - 5, 2, 1, 7), (3, 2, 2, 2, 1, 7), (1, 1, -1, 1, 0, 7))
-    for groups, n, diagonal, threads, bf16, d in (
-        *cases,
-        (2, 2, m - 2, 2, 0, 7),
-        (2, 5, m, 2, 1, 8),
-    ):
+    m, scale = 1100, 0.3
+    # (problems, queries, causal diagonal, threads, bfloat16, d, e); a bfloat16 cache with d
+    # even and q of bfloat16 values takes scores_pairs where the CPU has them; few_keys reads
+    # a bfloat16 cache's rows in pieces of 16 or 32 entries, then one by one (d, e = 40, 35).
+    cases = (
+        (3, 5, m, 1, 0, 7, 9),
+        (1, 5, m - 5, 2, 1, 7, 9),
+        (3, 2, 2, 2, 1, 7, 9),
+        (1, 1, -1, 1, 0, 7, 9),
+        (2, 2, m - 2, 2, 0, 7, 9),
+        (2, 5, m, 2, 1, 8, 9),
+        (2, 4, m - 4, 2, 1, 40, 35),
+        (1, 3, m, 1, 1, 40, 35),
+    )
+    for groups, n, diagonal, threads, bf16, d, e in cases:
         q, k, v = (
             torch.randn(groups, rows, cols, generator=gen)
             for rows, cols in ((n, d), (m, d), (m, e))
