@@ -342,13 +342,14 @@ def test_pairs_block_against_float64(
 
 @needs_compiled
 def test_pairs_block_refuses_what_it_cannot_serve() -> None:
-    """Another dtype, d odd, rows not contiguous, shapes that disagree, or turned off: None
-    and nothing written. (Where the CPU lacks AVX512-BF16 every call is refused.)"""
+    """Another dtype, d odd or 0, rows not contiguous, shapes that disagree, or turned off:
+    None and nothing written. (Where the CPU lacks AVX512-BF16 every call is refused.)"""
     x, y = torch.randn(2, 7, 8).bfloat16(), torch.randn(2, 9, 8).bfloat16()
     out = torch.zeros(2, 7, 9, dtype=torch.bfloat16)
     for args in (
         (x.float(), y.float()),
         (x[..., :7], y[..., :7]),
+        (x[..., :0], y[..., :0]),
         (x.mT.contiguous().mT, y),
         (x, y[:1].expand(3, -1, -1)),
     ):

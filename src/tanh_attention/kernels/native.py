@@ -641,39 +641,32 @@ def try_pairs_block(
         return None
     groups, rows, d = x.shape
     cols = y.shape[1]
-    if y.shape[2] != d or d % 2 or y.shape[0] not in (1, groups):
+    if y.shape[2] != d or d % 2 or d == 0 or y.shape[0] not in (1, groups):
         return None
-    if out is None:
-        out = torch.empty(groups, rows, cols, dtype=x.dtype, device=x.device)
-    shape = (groups, rows, cols)
-    tensors = (x, y, out, a, g_a)
-    if any(
+    if (tanh and a is not None) or any(
         t is not None
         and (
             t.dtype != torch.bfloat16
             or t.device.type != "cpu"
             or (t.shape[-1] > 1 and t.stride(-1) != 1)
-            or (i >= 2 and t.shape != shape)
+            or (i >= 2 and t.shape != (groups, rows, cols))
         )
-        for i, t in enumerate(tensors)
-    ) or (tanh and a is not None):
+        for i, t in enumerate((x, y, out, a, g_a))
+    ):
         return None
+    if out is None:
+        out = torch.empty(groups, rows, cols, dtype=x.dtype, device=x.device)
     mode = _TANH if tanh else _BACKWARD if a is not None else _PLAIN
 
     def strides(t: Tensor | None) -> tuple[int, int]:
         return (0, 0) if t is None else (t.stride(1), t.stride(0) if t.shape[0] > 1 else 0)
 
-    if x.numel() and y.numel():
-        failed = library.pairs_block(
-            *_pointers(*tensors), groups, rows, cols, d,
-            *strides(x), *strides(y), *strides(out), *strides(a), *strides(g_a),
-            alpha, mode, torch.get_num_threads(),
-        )  # fmt: skip
-        if failed:
-            return None
-    elif out.numel():
-        # d = 0: every sum is 0
-        return None
+    if out.numel() and library.pairs_block(
+        *_pointers(x, y, out, a, g_a), groups, rows, cols, d,
+        *strides(x), *strides(y), *strides(out), *strides(a), *strides(g_a),
+        alpha, mode, torch.get_num_threads(),
+    ):  # fmt: skip
+        return None  # (the packed y's memory could not be had)
     return out
 
 
