@@ -105,13 +105,16 @@ def test_an_inaccurate_build_is_refused(fresh: Path, monkeypatch: pytest.MonkeyP
 
 
 @needs_compiled
-def test_it_is_built_once_into_the_cache(fresh: Path) -> None:
+def test_it_is_built_once_into_the_cache(fresh: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Built once (and said so on stderr: it takes a while), then loaded from the cache."""
     assert native.unavailable_reason() is None
+    assert "compiling the CPU kernels" in capfd.readouterr().err
     built = list(fresh.glob("native-*.so"))
     assert len(built) == 1 and list(fresh.iterdir()) == built  # no temporary file left
     stamp = built[0].stat().st_mtime_ns
     native._load.cache_clear()  # a new process: loads the cached build
     assert native.unavailable_reason() is None
+    assert "compiling" not in capfd.readouterr().err
     assert built[0].stat().st_mtime_ns == stamp and list(fresh.iterdir()) == built
 
 

@@ -15,8 +15,10 @@ cached, loaded with ctypes; where they cannot be, the CPU kernels keep their oth
   bfloat16 pairs, on CPUs that have them (:func:`try_pairs_block`).
 
 Why at run time: the package installs as pure Python (no compiler needed, one wheel for
-every machine), and the kernels are plain C functions with no PyTorch headers, so building
-them takes about a second. The library is cached per source, compiler and flags in
+every machine), and the kernels are plain C functions with no PyTorch headers. Building them
+takes about half a minute (GCC 12, 2 cores: 26 s of it the 16-float build's three per-CPU
+clones), once per machine and source; it says so on stderr. The library is cached per
+source, compiler and flags in
 ``$TANH_ATTENTION_CACHE`` (default ``$XDG_CACHE_HOME/tanh_attention`` or
 ``~/.cache/tanh_attention``), written to a temporary name and renamed, so concurrent
 processes (distributed workers) never load a half-written file. On x86-64 one build holds
@@ -142,6 +144,13 @@ def _build(compiler: str) -> tuple[Path | None, str]:
         if target.exists():
             return target, ""
     directory = _cache_dir()
+    # (a first call would otherwise seem to hang)
+    print(
+        f"tanh_attention: compiling the CPU kernels with {compiler}, once (about half a "
+        f"minute); cached in {directory}",
+        file=sys.stderr,
+        flush=True,
+    )
     errors = []
     for flags, target in targets:
         try:
