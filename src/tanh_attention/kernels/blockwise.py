@@ -508,12 +508,20 @@ class _Problem:
             except RuntimeError:  # its strides allow no such view: blocks are gathered instead
                 self.mask_flat = None
                 self.mask_shared = False
-        self.rows = max(1, min(self.n, block_rows or BLOCK_ROWS))
+        # bfloat16 blocks by pairs (native.block_pairs), not causal: twice the rows, the
+        # bytes of a float32 block. Their passes are the faster, so each block's aten and
+        # Python calls weigh more (n = m = 4096, d = 64, o-only forward+backward, two
+        # threads: 54.5 ms in blocks of 512 x 1024, 50.0 in 1024 x 1024; with weights 71.1
+        # and 63.2). Causal calls keep the smaller blocks, which skip more of the masked
+        # half (1 x 8 x 1024 x 64: 42.3 ms, one block of 1024 rows 53.1).
+        wide = self.native and self.diagonal is None and block_pairs()
+        rows = 2 * BLOCK_ROWS if wide else BLOCK_ROWS
+        self.rows = max(1, min(self.n, block_rows or rows))
         cols = block_cols or BLOCK_COLS
-        if block_cols is None and self.rows < BLOCK_ROWS:
+        if block_cols is None and self.rows < rows:
             # Few rows (a decoding step): wider blocks of the same area, so a long cache is a
             # few blocks, not one Python iteration per 1024 keys.
-            cols = max(BLOCK_COLS, (BLOCK_ROWS * BLOCK_COLS) // self.rows)
+            cols = max(BLOCK_COLS, (rows * BLOCK_COLS) // self.rows)
         self.cols = max(1, min(self.m, cols))
         if self.decode == "float32":
             self.cols = max(1, min(self.cols, _CONVERTED_ENTRIES // max(1, self.d + self.e)))
