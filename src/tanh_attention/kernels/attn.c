@@ -558,13 +558,21 @@ static inline __attribute__((always_inline)) void load_split(const uint16_t *x, 
     *odd = (vec)(words & 0xffff0000u);
 }
 
+/* Entries c .. c + 2 VF of row x as two vectors: float32 in order, or with B, bfloat16 split
+ * (load_split). */
+static inline __attribute__((always_inline)) void load_piece(const void *x, int64_t c, vec *lo,
+                                                            vec *hi, const int B) {
+    if (B) load_split((const uint16_t *)x + c, lo, hi);
+    else *lo = load_row(x, c, 0), *hi = load_row(x, c + VF, 0);
+}
+
 /* Keys p0 .. p0 + keys - 1 of one problem (rows kp, vp: float32, or with B, bfloat16 read
  * in place, every entry converted as it is loaded) for N <= FEW queries: pb (N x e) = their
  * weighted rows of v. In runs of FEW_RUN keys: their scores first (a row of k loaded once
  * for the N dot products, each vectorized over d), then their weights (the tanh vectorized
  * over the run), then their rows of v, each loaded once for the N queries and read from end
  * to end (a masked weight is 0 and still multiplies its row). With B, q's rows (N x d) and
- * pb's come split (split_at): then rows of k and v are read by load_split. Key by key, each
+ * pb's come split (split_at), as load_piece reads rows of k and v. Key by key, each
  * row of v waited for its weight (a dot product's sum, then the tanh): 32 x 1 x 1024 x 128,
  * bfloat16, one thread, 1.31 ms against 1.10 for the composite; and each query loaded and
  * converted the rows again, so that two queries took twice one's time (RESULTS.md). */
@@ -583,8 +591,7 @@ static inline __attribute__((always_inline)) void few_keys_of(
             int64_t c = 0;
             for (; c + 2 * VF <= z.d; c += 2 * VF) {
                 vec k0, k1;
-                if (B) load_split((const uint16_t *)kj + c, &k0, &k1);
-                else k0 = load_row(kj, c, 0), k1 = load_row(kj, c + VF, 0);
+                load_piece(kj, c, &k0, &k1, B);
                 for (int i = 0; i < N; i++) {
                     s[i][0] += *(const vecu *)(q + i * z.d + c) * k0;
                     s[i][1] += *(const vecu *)(q + i * z.d + c + VF) * k1;
@@ -607,8 +614,7 @@ static inline __attribute__((always_inline)) void few_keys_of(
             int64_t c = 0;
             for (; c + 2 * VF <= z.e; c += 2 * VF) {
                 vec v0, v1;
-                if (B) load_split((const uint16_t *)vj + c, &v0, &v1);
-                else v0 = load_row(vj, c, 0), v1 = load_row(vj, c + VF, 0);
+                load_piece(vj, c, &v0, &v1, B);
                 for (int i = 0; i < N; i++) {
                     *(vecu *)(pb + i * z.e + c) += w[i][p] * v0;
                     *(vecu *)(pb + i * z.e + c + VF) += w[i][p] * v1;

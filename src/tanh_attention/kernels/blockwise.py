@@ -514,8 +514,8 @@ class _Problem:
         # threads: 54.5 ms in blocks of 512 x 1024, 50.0 in 1024 x 1024; with weights 71.1
         # and 63.2). Causal calls keep the smaller blocks, which skip more of the masked
         # half (1 x 8 x 1024 x 64: 42.3 ms, one block of 1024 rows 53.1).
-        wide = self.native and self.diagonal is None and block_pairs()
-        rows = 2 * BLOCK_ROWS if wide else BLOCK_ROWS
+        tall = self.native and self.diagonal is None and block_pairs()
+        rows = 2 * BLOCK_ROWS if tall else BLOCK_ROWS
         self.rows = max(1, min(self.n, block_rows or rows))
         cols = block_cols or BLOCK_COLS
         if block_cols is None and self.rows < rows:
@@ -925,13 +925,16 @@ def backward(
     transposed = a is None
     g_q = p.zeros(p.n, p.d, written=p.whole_rows) if need_q else None
     g_k = p.zeros(p.m, p.d, written=p.whole_cols) if need_k else None
+
+    def g_v_buffer() -> Tensor:
+        if p.native and not transposed:
+            # bfloat16 blocks of the saved a: g_v's products come transposed (add_product_
+            # reads a block of a^T as (g_o^T a)^T), so g_v is kept as g_v^T, where they add
+            # row by row.
+            return p.zeros(p.e, p.m, written=p.whole_cols).mT
+        return p.zeros(p.m, p.e, written=p.whole_cols)
+
     g_v = None
-    if need_v and p.native and not transposed:
-        # bfloat16 blocks of the saved a: g_v's products come transposed (add_product_ reads
-        # a block of a^T as (g_o^T a)^T), so g_v is kept as g_v^T, where they add row by row.
-        g_v = p.zeros(p.e, p.m, written=p.whole_cols).mT
-    elif need_v:
-        g_v = p.zeros(p.m, p.e, written=p.whole_cols)
     where = p.weights_index()
     if grad_a is not None and where is not None:
         # grad_a belongs to one copy of a along v's own batch dims: the others get none.
@@ -948,9 +951,9 @@ def backward(
         a3 = p.flat(a, p.n, p.m, compute=False)
         g_q3 = None if g_q is None else g_q.view(p.size, p.n, p.d)
         g_k3 = None if g_k is None else g_k.view(p.size, p.m, p.d)
-        g_v3 = None if g_v is None else g_v.view(p.size, p.m, p.e)
+        g_v3 = None
         if (
-            g_v is not None
+            need_v
             and p.native
             and not p.skip
             and isinstance(a3, Tensor)
@@ -960,7 +963,10 @@ def backward(
             # (a is what multiplied v: masked, dropped and scaled), which reads a as it is:
             # block by block oneDNN copied each block of a^T (n = m = 4096, one thread, the
             # backward 65-69 ms against 63-65; benchmarks/RESULTS.md).
-            g_v, g_v3 = torch.bmm(g_o3.mT, a3).mT.reshape(*p.batch, p.m, p.e), None
+            g_v = torch.bmm(g_o3.mT, a3).mT.reshape(*p.batch, p.m, p.e)
+        elif need_v:
+            g_v = g_v_buffer()
+            g_v3 = g_v.view(p.size, p.m, p.e)
         prescale = a3 is not None or p.prescale(q, k)
         drop_scale = 1.0 if dropout is None else dropout.scale
         for t in p.tiles():
@@ -1000,6 +1006,8 @@ def backward(
                 tanh_backward=tanh_backward_,
                 score_grad=score_grad,
             )
+    if need_v and g_v is None:  # (no block: the empty call's zeros)
+        g_v = g_v_buffer()
     return (
         None if g_q is None else p.reduce(g_q, q),
         None if g_k is None else p.reduce(g_k, k),
