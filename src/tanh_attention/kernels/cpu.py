@@ -617,8 +617,8 @@ def scores_tanh(
     """
     if q.dtype == torch.bfloat16:
         # AVX512-BF16's pairs with the tanh in the same pass, where this CPU has them
-        # (native.try_pairs_block): 0.57 against oneDNN's 0.66 ms a 1024 x 512 block of d =
-        # 64, one core of the AMD EPYC with AVX512-BF16 (benchmarks/RESULTS.md).
+        # (native.try_pairs_block): 0.48 against oneDNN's 0.56 ms a 1024 x 512 block of d =
+        # 64, one core of the AMD EPYC with AVX512-BF16, hot (benchmarks/RESULTS.md).
         done = native.try_pairs_block(q, k, scale, tanh=True, out=out)
         if done is not None:
             return done

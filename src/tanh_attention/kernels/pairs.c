@@ -5,11 +5,12 @@
  *   TA_TANH      tanh(s)                    (the forward's weights; native.h's tanh),
  *   TA_BACKWARD  (s + g_a) * (1 - a^2)      (the backward's score gradient, g_a optional).
  *
- * Why it exists: oneDNN multiplies these blocks, whose inner dimension is only d, at 77
- * GFLOP/s on one core of the AMD EPYC with AVX512-BF16 of benchmarks/RESULTS.md (a 1024 x 512
- * block of d = 64 in 0.87 ms, with or without its tanh epilogue) where its products summing
- * over a block's 512 or 1024 columns reach 170-200; and the backward's score gradient then
- * took a second pass over the block (tanh.c's ta_tanh_backward). vdpbf16ps multiplies 16
+ * Why it exists: oneDNN's product of such a block is fast, but its tanh epilogue is not,
+ * and the backward's score gradient took a second pass over the block (tanh.c's
+ * ta_tanh_backward). One core of the AMD EPYC with AVX512-BF16 of benchmarks/RESULTS.md, a
+ * 1024 x 512 block of d = 64, hot: the product alone 0.32 ms either way; with the tanh 0.56
+ * ms by oneDNN, 0.48 here; the score gradient 0.44 by oneDNN and tanh.c, 0.37 here (more in
+ * situ, where the blocks of a and g_a are strided and cold). vdpbf16ps multiplies 16
  * bfloat16 pairs and adds each pair's two products to a float32 sum in one instruction,
  * twice the multiply-adds of an FMA on float32. Every product of two bfloat16 values is
  * exact in float32; only the order of the float32 additions differs from a plain loop
@@ -19,8 +20,8 @@
  * The register block: RB rows of x by CB tiles of 16 columns (64 columns of y), 24 float32
  * accumulators; y is packed in panels of 64 of its rows, pair p of each of them side by side
  * (one vector load per tile and step), x's pairs are broadcast from its rows in place. Each
- * block's sums go through a small float32 tile to the epilogue, which the compiler
- * vectorizes. Threads (OpenMP builds): the y panels are packed in shares, then the rows of
+ * block's sums go through a small float32 tile to the epilogue, 16 lanes at a time.
+ * Threads (OpenMP builds): the y panels are packed in shares, then the rows of
  * each problem are dealt out in chunks.
  *
  * Only an x86-64 GCC 11 or clang 12 and later builds it (older ones lack the intrinsics);
